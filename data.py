@@ -53,6 +53,13 @@ class SyntheticTask:
         eligible[:, self.prompt_len:] = True
         return x0, eligible
 
+    def encode(self, s):
+        """A prompt string such as '31415926=' -> LongTensor[prompt_len]; one clear error if malformed."""
+        bad = sorted(set(s) - set(DIGITS))
+        if bad or len(s) != self.prompt_len:
+            fail(f"prompt {s!r} is not a {self.prompt_len}-character problem over {DIGITS!r}")
+        return torch.tensor([DIGITS.index(c) for c in s], dtype=torch.long)
+
     def prompts(self, n, split, generator=None):
         """LongTensor[n, prompt_len] of held-out (val) or training prompts."""
         return self._prompt_ids(self._problems(n, split, generator))

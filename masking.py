@@ -16,9 +16,15 @@ def mask_rate(t, eps=EPS):
     return (1 - eps) * t + eps
 
 
+def uniform_like(x, generator=None):
+    """U(0,1) noise shaped like x, on x's device, from `generator` (a CPU generator works on any device)."""
+    device = generator.device if generator is not None else x.device
+    return torch.rand(x.shape, generator=generator, device=device).to(x.device)
+
+
 def random_mask(eligible, p, generator=None):
     """Standard masks: each eligible token masked independently with probability p (one p per row)."""
-    u = torch.rand(eligible.shape, generator=generator, device=eligible.device)
+    u = uniform_like(eligible, generator)
     return eligible & (u < p[:, None])
 
 
@@ -53,7 +59,7 @@ def mirror_masks(eligible, p, generator=None):
     least halved. With a real model the CE of token i changes with the rest of the mask pattern,
     so rho <= 0 is an empirical fact to be measured (variance.py), not a theorem.
     """
-    u = torch.rand(eligible.shape, generator=generator, device=eligible.device)
+    u = uniform_like(eligible, generator)
     p = p[:, None]
     return eligible & (u < p), eligible & (u > 1 - p)
 

@@ -1,0 +1,131 @@
+"""Generation by iterative unmasking (LLaDA-style), and held-out accuracy.
+
+    python sample.py --out_dir=out                      # synthetic task: held-out problems + accuracy
+    python sample.py --out_dir=out --prompt=31415926=   # answer one prompt
+    python sample.py --out_dir=out --steps=4 --remasking=random --block_length=4
+
+The response starts fully masked. Each step runs the model on the whole sequence, predicts a token
+for every masked position (argmax, or a Gumbel-max sample at temperature > 0), and commits k of
+them; the rest stay masked for the next step. "low_confidence" remasking commits the k predictions
+with the highest model probability and re-masks the low-confidence rest (LLaDA's default);
+"random" commits k masked positions chosen uniformly at random. With block_length < response
+length the response is generated block by block, left to right (semi-autoregressive), steps split
+evenly over the blocks and k spread evenly over each block's steps. A causal (ARM) checkpoint
+decodes left to right, one token per forward pass.
+"""
+import math
+import os
+import sys
+
+import torch
+
+from configurator import configure, fail
+from data import task_from_config
+from masking import uniform_like
+from model import load_checkpoint
+
+
+def _commit_counts(n_tokens, steps):
+    """How many tokens to commit at each step: n_tokens spread evenly over `steps` steps."""
+    base, extra = divmod(n_tokens, steps)
+    return [base + (i < extra) for i in range(steps)]
+
+
+def _predict(logits, temperature, generator):
+    """Token choice per position: argmax, or a Gumbel-max draw from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = uniform_like(logits, generator).clamp_(1e-20, 1.0)
+    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt, response_len, steps=None, temperature=0.0, remasking="low_confidence",
+             block_length=None, generator=None):
+    """prompt LongTensor[n, Tp] -> full sequences LongTensor[n, Tp + response_len], every mask filled.
+    steps defaults to response_len (one token per step); the prompt is never changed."""
+    cfg = model.config
+    n, Tp = prompt.shape
+    x = torch.cat([prompt, torch.full((n, response_len), cfg.mask_id, device=prompt.device)], 1)
+    if cfg.causal:
+        for i in range(Tp, Tp + response_len):
+            logits = model(x[:, :i])[:, -1].float()
+            logits[:, cfg.mask_id] = -math.inf
+            x[:, i] = _predict(logits, temperature, generator)
+        return x
+    if remasking not in ("low_confidence", "random"):
+        fail(f"unknown remasking {remasking!r}; use low_confidence or random")
+    block_length = block_length or response_len
+    n_blocks = math.ceil(response_len / block_length)
+    steps = steps or response_len
+    if steps < n_blocks:
+        fail(f"steps={steps} is fewer than the {n_blocks} blocks of length {block_length}")
+    for b in range(n_blocks):
+        lo, hi = Tp + b * block_length, min(Tp + (b + 1) * block_length, Tp + response_len)
+        block_steps = steps // n_blocks + (b < steps % n_blocks)
+        for k in _commit_counts(hi - lo, block_steps):
+            if k == 0:
+                continue
+            logits = model(x).float()
+            logits[..., cfg.mask_id] = -math.inf
+            pred = _predict(logits, temperature, generator)
+            if remasking == "low_confidence":
+                conf = torch.softmax(logits, -1).gather(-1, pred[..., None])[..., 0]
+            else:
+                conf = uniform_like(x, generator)
+            candidate = x == cfg.mask_id
+            candidate[:, :lo] = candidate[:, hi:] = False
+            conf = conf.masked_fill(~candidate, -math.inf)
+            commit = torch.zeros_like(candidate).scatter_(1, conf.topk(k, dim=1).indices, True)
+            x = torch.where(commit & candidate, pred, x)
+    return x
+
+
+@torch.no_grad()
+def accuracy(model, task, n_problems, steps=None, block_length=None, seed=1234, batch=512):
+    """Exact-match accuracy on n_problems held-out (val) prompts, greedy and deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = task.prompts(n_problems, "val", generator=g)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for chunk in prompts.split(batch):
+        x = generate(model, chunk.to(device), task.response_len, steps, block_length=block_length)
+        correct += task.is_correct(chunk, x[:, task.prompt_len:].cpu()).sum().item()
+    model.train(was_training)
+    return correct / n_problems
+
+
+def main(argv):
+    cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=0.0, remasking="low_confidence",
+                         block_length=0, num_samples=4, length=256, device="cpu", seed=1337), argv)
+    model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
+    task = task_from_config(ckpt["config"])
+    g = torch.Generator().manual_seed(cfg["seed"])
+    gen = dict(steps=cfg["steps"] or None, temperature=cfg["temperature"],
+               remasking=cfg["remasking"], block_length=cfg["block_length"] or None, generator=g)
+    if hasattr(task, "prompts"):  # synthetic task
+        if cfg["prompt"]:
+            prompt = task.encode(cfg["prompt"])[None]
+        else:
+            prompt = task.prompts(cfg["num_samples"], "val", generator=torch.Generator().manual_seed(cfg["seed"]))
+        x = generate(model, prompt.to(cfg["device"]), task.response_len, **gen).cpu()
+        ok = task.is_correct(prompt, x[:, task.prompt_len:])
+        for row, good in zip(x, ok):
+            print(f"{task.decode(row[:task.prompt_len])}{task.decode(row[task.prompt_len:])}  {'ok' if good else 'WRONG'}")
+        if not cfg["prompt"]:
+            acc = accuracy(model, task, ckpt["config"]["eval_problems"], cfg["steps"] or None, cfg["block_length"] or None)
+            print(f"held-out exact match: {acc:.3f} on {ckpt['config']['eval_problems']} problems")
+        return
+    prompt = task.encode(cfg["prompt"])[None].to(cfg["device"])
+    length = min(cfg["length"], task.block_size - prompt.shape[1])
+    if length <= 0:
+        fail(f"prompt is {prompt.shape[1]} chars; it must be shorter than block_size={task.block_size}")
+    x = generate(model, prompt.repeat(cfg["num_samples"], 1), length, **gen).cpu()
+    for row in x:
+        print(task.decode(row) + "\n" + "-" * 40)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,540 @@
+"""The test suite: closed forms with Monte Carlo tolerances (fixed seeds, 4 standard errors),
+end-to-end runs of the scripts on tiny settings, and bad input. Run: python -m pytest -q test_all.py"""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import variance
+from data import get_task
+from masking import arm_loss, mask_rate, mdm_loss, random_mask, row_losses
+from model import ModelConfig, Transformer
+from sample import generate
+from samplers import (CELLS, PPOTSSampler, build_ppots, epr_log_density, log_normalise, make_sampler, measure_curve,
+                      sampler_from_state)
+from variance import decompose, format_line, measure, naive_decompose, plot_variance
+
+# torch's forward-mode AD (variance.py, target='grad') loads jit-scripted decompositions on first use
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=32", "--num_digits=4",
+        "--eval_problems=32", "--eval_iters=1", "--variance_interval=0", "--warmup_iters=5"]
+
+
+def run(script, *args, check=True):
+    """Run one of the repo's scripts as a user would; return the CompletedProcess."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def fixed_problem(seed=0, B=6, T=7, V=5):
+    """Fixed logits (a frozen 'model'), clean tokens, and eligible positions with a 2-token prompt."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    x0 = torch.randint(0, V, (B, T), generator=g)
+    eligible = torch.ones(B, T, dtype=torch.bool)
+    eligible[:, :2] = False
+    return logits, x0, eligible
+
+
+# ----------------------------------------------------------------------------- masking and loss
+def test_mdm_loss_is_unbiased_for_the_elbo_term():
+    """E_mask[l] = (1/P) sum_{eligible} CE_i, per row, for rates from tiny to 1."""
+    logits, x0, eligible = fixed_problem()
+    p = mask_rate(torch.tensor([0.0, 0.05, 0.3, 0.5, 0.9, 1.0]))
+    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    exact = (ce * eligible).sum(1) / eligible.sum(1)
+    g, N = torch.Generator().manual_seed(1), 40000
+    rep = lambda z: z.repeat(N, *[1] * (z.dim() - 1))  # N mask draws per row, in one batch
+    L = mdm_loss(rep(logits), rep(x0), random_mask(rep(eligible), rep(p), g), rep(eligible), rep(p)).view(N, -1)
+    se = L.std(0) / math.sqrt(N)
+    assert ((L.mean(0) - exact).abs() <= 4 * se + 1e-6).all(), (L.mean(0), exact, se)
+
+
+def test_marginal_mask_rate_is_p_and_prompt_never_masked():
+    _, x0, eligible = fixed_problem(B=4, T=50)
+    p = torch.tensor([0.001, 0.2, 0.5, 0.95])
+    g, N = torch.Generator().manual_seed(2), 4000
+    counts = random_mask(eligible.repeat(N, 1), p.repeat(N), g).view(N, 4, -1).double().sum(0)
+    assert counts[:, :2].sum() == 0  # the prompt
+    rate = counts[:, 2:].mean(1) / N
+    se = (p * (1 - p) / (N * eligible[:, 2:].sum(1))).sqrt()
+    assert ((rate - p).abs() <= 4 * se).all(), (rate, p)
+
+
+def test_rows_with_nothing_masked_count_as_zero():
+    logits, x0, eligible = fixed_problem()
+    mask = torch.zeros_like(eligible)
+    mask[0, 3] = True
+    loss = mdm_loss(logits, x0, mask, eligible, torch.full((6,), 0.5))
+    assert loss.shape == (6,) and (loss[1:] == 0).all() and loss[0] > 0
+    # a non-eligible token is never masked, even at p = 1
+    assert not random_mask(eligible, torch.ones(6))[:, :2].any()
+
+
+# ----------------------------------------------------------------------------- data
+def test_held_out_problems_never_appear_in_training():
+    for name, kw in (("sort", dict(num_digits=4)), ("add", dict(num_digits=2))):
+        task = get_task(name, **kw)
+        g = torch.Generator().manual_seed(0)
+        train = {tuple(r) for r in task.batch(20000, "train", g)[0].tolist()}
+        val = {tuple(r) for r in task.batch(2000, "val", g)[0].tolist()}
+        assert train and val and not train & val
+        x0, eligible = task.batch(8, "val", g)
+        assert task.is_correct(x0[:, :task.prompt_len], x0[:, task.prompt_len:]).all()
+        assert not eligible[:, :task.prompt_len].any() and eligible[:, task.prompt_len:].all()
+
+
+# ----------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("kw", [dict(), dict(steps=2, remasking="random"), dict(block_length=3, steps=4),
+                                dict(temperature=1.0, steps=3)])
+def test_generation_fills_every_mask_and_keeps_the_prompt(kw):
+    task = get_task("sort", num_digits=8)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_embd=32, n_head=2)).eval()
+    prompt = task.prompts(5, "val", generator=torch.Generator().manual_seed(0))
+    x = generate(model, prompt, task.response_len, generator=torch.Generator().manual_seed(0), **kw)
+    assert x.shape == (5, task.seq_len)
+    assert torch.equal(x[:, :task.prompt_len], prompt)
+    assert not (x == task.mask_id).any()
+
+
+def test_generation_with_a_causal_model_decodes_left_to_right():
+    task = get_task("sort", num_digits=4)
+    model = Transformer(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=9, causal=True)).eval()
+    prompt = task.prompts(3, "val")
+    x = generate(model, prompt, task.response_len)
+    assert torch.equal(x[:, :task.prompt_len], prompt) and not (x == task.mask_id).any()
+
+
+# ----------------------------------------------------------------------------- training end to end
+def test_short_training_lowers_val_elbo_and_writes_outputs(tmp_path):
+    out = str(tmp_path)
+    proc = run("train.py", f"--out_dir={out}", "--max_iters=60", "--eval_interval=60", *TINY)
+    val = [r["val_bits"] for r in read_log(out) if "val_bits" in r]
+    assert val[-1] < 0.8 * val[0], val
+    assert "held-out exact match" in proc.stdout.strip().splitlines()[-1]
+    for name in ("ckpt.pt", "train.png"):
+        assert os.path.exists(os.path.join(out, name))
+    sampled = run("sample.py", f"--out_dir={out}", "--num_samples=3")
+    assert "held-out exact match" in sampled.stdout
+
+
+def test_resume_reproduces_the_uninterrupted_losses_bit_exactly(tmp_path):
+    common = ["--log_interval=1", "--eval_interval=10", "--lr_decay_iters=20", "--t_sampler=stratified", *TINY]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run("train.py", f"--out_dir={full}", "--max_iters=20", *common)
+    run("train.py", f"--out_dir={part}", "--max_iters=10", *common)
+    run("train.py", f"--out_dir={part}", "--max_iters=20", "--init_from=resume")
+    losses = lambda d: [(r["iter"], r["loss"]) for r in read_log(d) if "loss" in r]
+    assert losses(part) == losses(full) and len(losses(full)) == 20
+
+
+# ----------------------------------------------------------------------------- bad input
+def _one_error_line(proc, *words):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_bad_input_gives_one_clear_error_line(tmp_path):
+    _one_error_line(run("train.py", "--no_such_key=1", check=False), "no_such_key")
+    _one_error_line(run("train.py", "--max_iters=ten", check=False), "max_iters")
+    missing = str(tmp_path / "missing.txt")
+    _one_error_line(run("train.py", "--task=text", f"--data_path={missing}", check=False), "missing.txt")
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be")
+    _one_error_line(run("train.py", "--task=text", f"--data_path={short}", "--block_size=64", check=False),
+                    "too short")
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    _one_error_line(run("sample.py", f"--out_dir={out}", check=False), "corrupt")
+    _one_error_line(run("train.py", f"--out_dir={out}", "--init_from=resume", check=False), "corrupt")
+    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+# ----------------------------------------------------------------------------- samplers.py
+T = 70
+T_GRID = torch.linspace(1 / T, 1 - 1 / T, T - 1, dtype=torch.float64)
+TRUE_EPR = dict(a=2.0, b=0.5, A=0.3, kappa=1.5, r=1.2, q=3.0, m=2.5)
+FS = {"t": (lambda t: t, 1 / 2), "t^2": (lambda t: t ** 2, 1 / 3), "exp": (torch.exp, math.e - 1)}
+N = 200_000
+
+
+def epr_curve(t, params):
+    return epr_log_density(t, **{k: torch.tensor(v, dtype=torch.float64) for k, v in params.items()}).exp()
+
+
+def kl_on_grid(w, p):
+    """KL(w || p) on T_GRID, both normalised by the trapezoid rule (the fit's objective)."""
+    w, p = w / torch.trapezoid(w, T_GRID), p / torch.trapezoid(p, T_GRID)
+    return torch.trapezoid(w * (w / p).log(), T_GRID).item()
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def ppots():
+    """EPR fit of a curve generated from known EPR parameters (one fit, shared)."""
+    return PPOTSSampler(T_GRID, epr_curve(T_GRID, TRUE_EPR))
+
+
+@pytest.fixture(scope="module")
+def samplers(ppots):
+    mixed = ppots.state_dict() | {"mix": 0.3}
+    u_shaped = PPOTSSampler(T_GRID, (1 / T_GRID + 5 * T_GRID ** 4).sqrt(), fit="none")
+    return {"uniform": make_sampler("uniform"), "ppots_epr": ppots, "ppots_none": u_shaped,
+            "ppots_mix": sampler_from_state(mixed)}
+
+
+def draws(sampler, n=N, seed=0):
+    return sampler.sample(n, gen(seed))
+
+
+def weighted_mean_and_se(sampler, f):
+    t, w = draws(sampler)
+    y = w.double() * f(t.double())
+    return y.mean().item(), y.std().item() / math.sqrt(len(y))
+
+
+@pytest.mark.parametrize("f", FS)
+@pytest.mark.parametrize("name", ["uniform", "ppots_epr", "ppots_none", "ppots_mix"])
+def test_unbiased(samplers, name, f):
+    fn, integral = FS[f]
+    mean, se = weighted_mean_and_se(samplers[name], fn)
+    assert abs(mean - integral) < 4 * se
+
+
+@pytest.mark.parametrize("f", FS)
+@pytest.mark.parametrize("k", [None, 50])
+def test_stratified_unbiased(k, f):
+    """Batches of n = 50 (k = None: 8 strata with a remainder of 2; k = 50: one draw per stratum);
+    the SE is that of the batch means, which is what stratification shrinks."""
+    fn, integral = FS[f]
+    sampler, g = make_sampler("stratified", k=k), gen()
+    means = torch.stack([(w * fn(t)).double().mean() for t, w in (sampler.sample(50, g) for _ in range(2000))])
+    assert abs(means.mean().item() - integral) < 4 * means.std().item() / math.sqrt(len(means))
+
+
+def test_clipped_range_and_bias():
+    sampler = make_sampler("clipped", lo=0.2, hi=0.7)
+    t, w = sampler.sample(N, gen())
+    assert t.min() >= 0.2 and t.max() <= 0.7 and (w == 1).all()
+    assert t.min() < 0.21 and t.max() > 0.69  # it fills [lo, hi], not a point
+    fn, integral = FS["t^2"]  # and the 4-SE check used above does flag it as biased
+    mean, se = weighted_mean_and_se(sampler, fn)
+    assert abs(mean - integral) > 4 * se
+
+
+def test_stratified_counts():
+    n = 37
+    t, _ = make_sampler("stratified", k=n).sample(n, gen())
+    assert torch.equal((t * n).long().sort().values, torch.arange(n))
+    n, k = 50, 8
+    for sampler in (make_sampler("stratified", k=k), make_sampler("stratified")):  # default k = ceil(√50) = 8
+        counts = torch.bincount((sampler.sample(n, gen())[0] * k).long(), minlength=k)
+        assert len(counts) == k and counts.sum() == n
+        assert set(counts.tolist()) <= {n // k, n // k + 1} and (counts == n // k + 1).sum() == n % k
+
+
+def test_ppots_draws_follow_p(ppots):
+    """Binned chi-square test on 64 bins of 64 cells each; threshold mean + 5 sd of chi^2_63."""
+    bins = 64
+    t, _ = draws(ppots)
+    observed = torch.bincount((t.double() * bins).long().clamp(max=bins - 1), minlength=bins).double()
+    threshold = (bins - 1) + 5 * math.sqrt(2 * (bins - 1))
+    chi2 = lambda expected: ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2(N * ppots.cdf[::CELLS // bins].diff()) < threshold
+    assert chi2(torch.full((bins,), N / bins, dtype=torch.float64)) > threshold  # the test has power
+
+
+def test_ppots_weight_is_inverse_density(ppots, samplers):
+    t, w = draws(ppots)
+    cell = (t.double() * CELLS).long().clamp(max=CELLS - 1)
+    p_from_cdf = (ppots.cdf[cell + 1] - ppots.cdf[cell]) * CELLS
+    assert torch.equal(w, (1 / p_from_cdf).float())
+    # and p is the fitted EPR curve, normalised on [0, 1], up to the cell width times |d log p / dt|
+    fine = torch.linspace(0, 1, 2 ** 16 + 1, dtype=torch.float64)
+    log_p = log_normalise(epr_curve(fine, ppots.params).log(), fine)
+    tol = 2 * log_p.diff().abs().max().item() * 2 ** 16 / CELLS
+    p_true = torch.from_numpy(np.interp(t.double().numpy(), fine.numpy(), log_p.exp().numpy()))
+    assert ((w.double() * p_true - 1).abs() < tol).all()
+    t, w = draws(samplers["ppots_mix"])
+    assert w.max() <= 1 / 0.3 and torch.allclose(samplers["ppots_mix"].p, 0.7 * ppots.p + 0.3)
+    capped = sampler_from_state(ppots.state_dict() | {"max_weight": 1.2})
+    t, w = draws(capped)
+    assert torch.equal(w, (1 / capped.density(t)).clamp(max=1.2).float()) and (w == w.new_tensor(1.2)).any()
+
+
+def test_epr_fit_recovers_known_curve(ppots):
+    assert kl_on_grid(epr_curve(T_GRID, TRUE_EPR), epr_curve(T_GRID, ppots.params)) < 1e-3
+
+
+def test_ppots_optimal_when_p_proportional_to_f():
+    """p ∝ f makes w f(t) = f/p ≈ int f a constant: near-zero variance, against int f^2 - (int f)^2 = 0.8
+    for uniform t. The Monte Carlo variance must match the quadrature prediction int f^2/p - (int f)^2."""
+    f = lambda t: 1 + 3 * t ** 2
+    sampler = PPOTSSampler(T_GRID, f(T_GRID), fit="none")
+    t, w = draws(sampler)
+    y = w.double() * f(t.double())
+    mid = (torch.arange(CELLS * 16, dtype=torch.float64) + 0.5) / (CELLS * 16)
+    predicted = (f(mid) ** 2 / sampler.density(mid)).mean().item() - 2.0 ** 2
+    se_var = math.sqrt(((y - y.mean()) ** 4).mean().item() - y.var().item() ** 2) / math.sqrt(N)
+    assert abs(y.var().item() - predicted) < 4 * se_var
+    uniform = f(torch.rand(N, generator=gen(), dtype=torch.float64))
+    se_uniform = math.sqrt(((uniform - uniform.mean()) ** 4).mean().item() - 0.8 ** 2) / math.sqrt(N)
+    assert abs(uniform.var().item() - 0.8) < 4 * se_uniform
+    assert predicted < 1e-3 * 0.8
+
+
+def save_and_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+
+
+def same_draws(a, b, seed=3):
+    return all(torch.equal(x, y) for x, y in zip(a.sample(1000, gen(seed)), b.sample(1000, gen(seed))))
+
+
+@pytest.mark.parametrize("name, kw", [("uniform", {}), ("stratified", {"k": 5}), ("clipped", {"lo": 0.2, "hi": 0.7}),
+                                      ("ppots", None)])
+def test_state_dict_round_trip(ppots, name, kw):
+    """Rebuilt by sampler_from_state, or loaded into a sampler built differently: identical draws."""
+    sampler = ppots if name == "ppots" else make_sampler(name, **kw)
+    sd = save_and_load(sampler.state_dict())
+    other = PPOTSSampler(T_GRID, torch.ones(T - 1), fit="none") if name == "ppots" else make_sampler(name)
+    other.load_state_dict(sd)
+    assert same_draws(sampler, sampler_from_state(sd)) and same_draws(sampler, other)
+
+
+def test_state_dict_keeps_online_bins():
+    sampler = PPOTSSampler(T_GRID, torch.ones(T - 1), fit="none")
+    sampler.observe(torch.rand(500, generator=gen(1)), torch.rand(500, generator=gen(2)))
+    rebuilt = sampler_from_state(save_and_load(sampler.state_dict()))
+    for s in (sampler, rebuilt):
+        s.observe(torch.rand(500, generator=gen(5)), torch.rand(500, generator=gen(6)))
+        s.refit_online()
+    assert not torch.equal(rebuilt.w_grid, torch.ones(T - 1, dtype=torch.float64))
+    assert same_draws(sampler, rebuilt)
+
+
+def test_online_refit_moves_toward_sqrt_m():
+    """Feed l = √m(t) z, z ~ N(0, 1), t ~ U(0, 1), so E[l^2 | t] = m(t); start from a flat curve."""
+    sqrt_m = lambda t: epr_curve(t, TRUE_EPR)
+    sampler = PPOTSSampler(T_GRID, torch.ones(T - 1))
+    before = kl_on_grid(sqrt_m(T_GRID), sampler.density(T_GRID))
+    t = torch.rand(N, generator=gen(1), dtype=torch.float64)
+    sampler.observe(t.float(), (sqrt_m(t) * torch.randn(N, generator=gen(2), dtype=torch.float64)).float())
+    sampler.refit_online()
+    after = kl_on_grid(sqrt_m(T_GRID), sampler.density(T_GRID))
+    assert after < before / 10 and sampler.count.sum() == 0
+
+
+def test_online_bins_without_data_keep_estimate():
+    sampler = PPOTSSampler(T_GRID, torch.ones(T - 1), fit="none")
+    t = torch.cat([torch.zeros(10), 0.5 * torch.rand(1000, generator=gen(1))])  # t = 0 lies off the grid
+    sampler.observe(t, torch.full_like(t, 3.0))
+    assert sampler.count.sum() < len(t)
+    sampler.refit_online()
+    seen = T_GRID < 0.5 - 1 / (2 * T)
+    assert torch.allclose(sampler.w_grid[seen], torch.tensor(3.0, dtype=torch.float64))
+    assert (sampler.w_grid[T_GRID > 0.5 + 1 / (2 * T)] == 1).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(block_size=9, n_layer=1, n_head=2, n_embd=16)), get_task("sort", num_digits=4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_measure_curve(tiny_model, training):
+    model, task = tiny_model
+    model.train(training)
+    kw = dict(T=10, n_x0=4, n_masks=3)
+    curve = measure_curve(model, task, generator=gen(1), **kw)
+    assert model.training == training
+    assert all(len(curve[k]) == 9 for k in ("t", "m", "g", "v"))
+    assert torch.isfinite(curve["m"]).all() and (curve["m"] > 0).all()
+    for other in (measure_curve(model, task, generator=gen(1), **kw),
+                  measure_curve(model, task, generator=gen(1), batch_rows=7, **kw)):  # chunking changes nothing
+        assert all(torch.allclose(curve[k], other[k], rtol=1e-5) for k in curve)
+    # m = mean_x0(g_x^2 + v_x (n-1)/n) >= (mean_x0 g_x)^2 + mean_x0 v_x (n-1)/n: the x0 spread of g is in m
+    assert (curve["m"] >= (curve["g"] ** 2 + curve["v"] * 2 / 3) * (1 - 1e-5)).all()
+    sampler = build_ppots(model, task, generator=gen(1), fit="none", **kw)
+    assert torch.allclose(sampler.w_grid.float(), curve["m"].sqrt())
+
+
+def test_measure_curve_includes_spread_of_g_across_x0(tiny_model):
+    """A causal (ARM) model's loss ignores t and the mask, l = arm_loss(x0): so v = 0, and m must be
+    mean_x0 l^2, strictly above g^2 = (mean_x0 l)^2, which is all the paper code's g^2 + v would give."""
+    task = tiny_model[1]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(block_size=9, n_layer=1, n_head=2, n_embd=16, causal=True))
+    curve = measure_curve(model, task, T=4, n_x0=8, n_masks=2, generator=gen(1))
+    x0, eligible = task.batch(8, "train", gen(1))
+    with torch.no_grad():
+        l = arm_loss(model(x0), x0, eligible)
+    assert torch.allclose(curve["v"], torch.zeros(3), atol=1e-10)
+    assert torch.allclose(curve["m"], (l ** 2).mean().expand(3)) and (curve["m"] > curve["g"] ** 2 * (1 + 1e-4)).all()
+
+
+def test_describe_plot_and_bad_name(ppots, samplers, tmp_path):
+    assert "kappa=" in ppots.describe() and "vs uniform" in ppots.describe()
+    ours, best = ppots.second_moments()  # Cauchy–Schwarz: no p beats p ∝ √m; fit='none' is p ∝ √m
+    assert best <= ours < 1 and math.isclose(*samplers["ppots_none"].second_moments(), rel_tol=1e-4)
+    ppots.plot(tmp_path / "ppots.png")
+    assert (tmp_path / "ppots.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        make_sampler("nope")
+
+
+# ----------------------------------------------------------------------------- variance.py
+def tiny_net(causal=False, dropout=0.0):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=32, causal=causal, dropout=dropout))
+
+
+def within_se(samples, truth, k=4.0):
+    """Is the mean of `samples` within k standard errors of `truth`? (and the distance in SEs)"""
+    x = torch.tensor(samples, dtype=torch.float64)
+    z = (x.mean() - truth).abs() / (x.std() / math.sqrt(len(x)))
+    return z.item() < k, z.item()
+
+
+@pytest.mark.parametrize("a,b,c", [(20, 3, 2), (20, 2, 4), (30, 2, 2), (10, 5, 3)])
+def test_decompose_unbiased_and_naive_biased(a, b, c):
+    """L_ijk = mu + alpha_i + beta_ij + eps_ijk: E[A, B, C] = (s_eps^2, s_beta^2, s_alpha^2)."""
+    s2 = dict(C=1.0, B=0.5, A=2.0)
+    g = torch.Generator().manual_seed(a * 100 + b * 10 + c)
+    est, naive = {k: [] for k in "ABC"}, {k: [] for k in "ABC"}
+    for _ in range(2000):
+        L = (3.0 + math.sqrt(s2["C"]) * torch.randn(a, 1, 1, generator=g)
+             + math.sqrt(s2["B"]) * torch.randn(a, b, 1, generator=g)
+             + math.sqrt(s2["A"]) * torch.randn(a, b, c, generator=g))
+        r, n = decompose(L), naive_decompose(L)
+        assert r["total"] == pytest.approx(r["A"] + r["B"] + r["C"])
+        for k in "ABC":
+            est[k].append(r[k])
+            naive[k].append(n[k])
+    for k in "ABC":
+        ok, z = within_se(est[k], s2[k])
+        assert ok, f"{k}: unbiased estimate is {z:.1f} SE from the truth {s2[k]}"
+    assert not all(within_se(naive[k], s2[k])[0] for k in "BC"), "plug-in B and C look unbiased"
+
+
+def test_decompose_vector_is_sum_of_coordinates():
+    g = torch.Generator().manual_seed(1)
+    L = torch.randn(8, 3, 4, 5, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0])
+    per = [decompose(L[..., k]) for k in range(5)]
+    whole = decompose(L)
+    for k in ("A", "B", "C", "total"):
+        assert whole[k] == pytest.approx(sum(p[k] for p in per), rel=1e-9)
+
+
+def test_decompose_needs_two_of_each():
+    with pytest.raises(ValueError):
+        decompose(torch.randn(4, 3, 1))
+
+
+@pytest.mark.parametrize("target", ["loss", "grad"])
+def test_arm_has_exactly_zero_A_and_B(target):
+    task = get_task("sort", num_digits=4)
+    r = measure(tiny_net(causal=True), task, make_sampler("uniform"), "standard", 6, 3, 2, target=target,
+                generator=torch.Generator().manual_seed(0), n_batches=4, n_proj=2)
+    assert r["A"] == 0.0 and r["B"] == 0.0
+    assert r["C"] > 0.0
+
+
+def test_arm_batch_var_is_C_over_batch_size():
+    """An ARM's batch mean averages batch_size iid x0 draws: E[batch_var] = C / batch_size."""
+    task, model = get_task("sort", num_digits=4), tiny_net(causal=True)
+    diff = []
+    for seed in range(20):
+        r = measure(model, task, make_sampler("uniform"), "standard", 32, 2, 2, batch_size=8, n_batches=32,
+                    generator=torch.Generator().manual_seed(seed))
+        diff.append(8 * r["batch_var"] - r["C"])
+    ok, z = within_se(diff, 0.0)
+    assert ok, f"8 * batch_var - C is {z:.1f} SE from 0"
+
+
+@pytest.mark.parametrize("target", ["loss", "grad"])
+def test_fixed_generator_is_deterministic(target):
+    task, model = get_task("sort", num_digits=4), tiny_net(dropout=0.5)  # eval mode must switch it off
+    model.train()
+    run = lambda seed: measure(model, task, make_sampler("uniform"), "mirror", 4, 3, 2, target=target, n_batches=4,
+                               n_proj=2, max_rows=10, generator=torch.Generator().manual_seed(seed))
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+    assert model.training, "the training flag must be restored"
+
+
+def test_pair_halves_A_and_mirror_does_better():
+    """Pair averages two independent masks: E[A_pair] = E[A_standard] / 2 exactly, for any model.
+    MIRROR's views are anti-correlated (strongly for p near 1/2, hence t in [0.2, 0.8]; a random-init
+    model's CE hardly depends on the rest of the mask): A_mirror < A_pair. Same seed -> same x0 and t
+    for the three maskings, so the comparisons are paired per seed."""
+    task, model = get_task("sort", num_digits=4), tiny_net()
+    half, gain = [], []
+    for seed in range(12):
+        A = {m: measure(model, task, make_sampler("clipped", lo=0.2, hi=0.8), m, 8, 4, 4, n_batches=2,
+                        generator=torch.Generator().manual_seed(seed))["A"]
+             for m in ("standard", "pair", "mirror")}
+        half.append(A["pair"] - A["standard"] / 2)
+        gain.append(A["pair"] - A["mirror"])
+    ok, z = within_se(half, 0.0)
+    assert ok, f"A_pair - A_standard / 2 is {z:.1f} SE from 0"
+    g = torch.tensor(gain)
+    assert g.mean() > 4 * g.std() / math.sqrt(len(g)), "A_mirror is not clearly below A_pair"
+
+
+def test_format_line_and_plot(tmp_path):
+    res = lambda s: dict(A=0.412 * s, B=0.0513 * s, C=-0.001 * s)
+    line = format_line(400, res(1), res(100))
+    assert line == "iter 400 | loss A 0.412 B 0.0513 C -0.001 | grad A 41.2 B 5.13 C -0.1"
+    path = tmp_path / "variance.png"
+    plot_variance([{"iter": i, "loss": res(1), "grad": res(i)} for i in (0, 250, 500)], path)
+    assert path.stat().st_size > 1000
+
+
+def test_grad_projections_match_autograd():
+    """target='grad' uses jvp: row r, direction u must give <d(l_r w_r)/d theta, u> (autograd),
+    with the same masks as the loss pass (same seed), and unit-norm directions."""
+    task, model = get_task("sort", num_digits=4), tiny_net()
+    x0, eligible = task.batch(3, "train", torch.Generator().manual_seed(0))
+    t, w = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([1.0, 2.0, 0.5])
+    dirs = variance._directions(model, 2)
+    assert all(sum(v.square().sum() for v in u.values()).item() == pytest.approx(1.0) for u in dirs)
+    proj = variance._draws(model, x0, eligible, t, w, "mirror", 7, 2, dirs)
+    loss = variance._draws(model, x0, eligible, t, w, "mirror", 7, 2)
+    params = dict(model.named_parameters())
+    for r in range(3):
+        gen = torch.Generator().manual_seed(7 + r // 2)  # chunks of max_rows = 2 rows
+        rows = slice(2 * (r // 2), 2 * (r // 2) + 2)
+        l = row_losses(model, x0[rows], eligible[rows], t[rows], "mirror", gen) * w[rows]
+        assert l[r % 2].item() == pytest.approx(loss[r].item(), rel=1e-5)
+        grads = torch.autograd.grad(l[r % 2], list(params.values()))
+        for k, u in enumerate(dirs):
+            expect = sum((g * u[name]).sum() for g, name in zip(grads, params)).item()
+            assert proj[r, k].item() == pytest.approx(expect, rel=1e-3, abs=1e-7)

@@ -1,0 +1,280 @@
+"""Train a masked diffusion model (or its ARM baseline), nanoGPT style.
+
+    python train.py                                   # sort 8 digits on a laptop CPU (~4 min)
+    python train.py config/some_preset.py --key=value # any global below can be overridden
+    python train.py --t_sampler=ppots --masking=mirror
+    python train.py --init_from=resume --out_dir=out  # continue; the checkpoint's config is the base
+
+One step (see DESIGN.md): x0 ~ task, (t, w) ~ sampler, masks ~ masking mode,
+loss = mean_rows(w * l), l = mdm_loss (the pair mean for mirror/pair) -> backward -> AdamW.
+"""
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import variance
+from configurator import configure_globals, fail
+from data import task_from_config
+from masking import MASKINGS, row_losses
+from model import ModelConfig, Transformer, load_checkpoint
+from sample import accuracy
+from samplers import build_ppots, make_sampler, sampler_from_state
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+eval_interval = 200
+eval_iters = 4  # val batches for the ELBO
+eval_problems = 512  # held-out prompts for exact-match accuracy (synthetic tasks)
+log_interval = 10
+init_from = "scratch"  # 'scratch' or 'resume'
+seed = 1337
+# data
+task = "sort"  # sort | add | text
+num_digits = 8  # sort: how many digits; add: digits per operand
+data_path = ""  # task=text: any UTF-8 file
+block_size = 256  # task=text: sequence length (synthetic tasks fix their own)
+batch_size = 128  # forward rows per step
+# model
+model_type = "mdm"  # mdm (bidirectional) | arm (causal, next-token loss)
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = False
+# method: the t-law and the masking mode
+t_sampler = "uniform"  # uniform | stratified | clipped | ppots
+masking = "standard"  # standard | mirror | pair
+matched_compute = True  # mirror/pair: batch_size/2 clean rows, so forward rows equal standard's
+ppots_fit_iter = 100  # P-POTS: uniform t until this iter, then measure + fit on the current model
+ppots_refit_every = 0  # 0 = fit once (the paper); N = refit every N iters
+ppots_online = False  # refit from the training losses already computed (no extra forwards)
+ppots_fit = "epr"  # epr (7-parameter family, fitted by KL) | none (the measured curve, piecewise linear)
+# variance logging (variance.py): A, B, C of the loss and of the gradient
+variance_interval = 200  # 0 = off
+variance_n_x0 = 16
+variance_n_t = 4
+variance_n_masks = 2
+variance_grad_n_x0 = 4
+# optimiser: AdamW, linear warmup then cosine decay to min_lr
+learning_rate = 2e-3
+max_iters = 1000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+warmup_iters = 100
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 2e-4
+# system
+device = ""  # '' = auto: cuda > mps > cpu
+dtype = ""  # '' = auto: bfloat16 on CUDA if supported (else float16 + GradScaler), float32 elsewhere
+compile = False
+# -----------------------------------------------------------------------------
+config = configure_globals(globals())
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = None
+if init_from == "resume":
+    model, ckpt = load_checkpoint(ckpt_path)
+    globals().update({k: v for k, v in ckpt["config"].items() if k in config})
+    config = configure_globals(globals())  # the command line still wins
+elif init_from != "scratch":
+    fail(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
+if masking not in MASKINGS:
+    fail(f"unknown --masking={masking}; choose from {MASKINGS}")
+if model_type not in ("mdm", "arm"):
+    fail(f"unknown --model_type={model_type}; use mdm or arm")
+device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+device_type = "cuda" if "cuda" in device else device
+if not dtype:
+    dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+lr_decay_iters = lr_decay_iters or max_iters
+config = {k: globals()[k] for k in config}
+print("config:", json.dumps(config))
+
+torch.manual_seed(seed)
+random.seed(seed)
+np.random.seed(seed)
+data = task_from_config(config)
+rows = batch_size // 2 if masking in ("mirror", "pair") and matched_compute else batch_size
+if ckpt is None:
+    model = Transformer(ModelConfig(vocab_size=data.vocab_size, mask_id=data.mask_id, block_size=data.seq_len,
+                                    n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
+                                    bias=bias, causal=model_type == "arm"))
+model.to(device).train()
+print(f"model: {model.num_params() / 1e6:.2f}M parameters, {'causal (ARM)' if model.config.causal else 'bidirectional (MDM)'}")
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+sampler = make_sampler("uniform" if t_sampler == "ppots" else t_sampler)
+iter_num = 0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    iter_num = ckpt["iter_num"]
+    sampler = sampler_from_state(ckpt["sampler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device_type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    np.random.set_state(("MT19937", ckpt["rng"]["numpy"][0].numpy().astype(np.uint32), *ckpt["rng"]["numpy"][1:]))
+    random.setstate(ckpt["rng"]["python"])
+train_model = torch.compile(model) if compile else model
+os.makedirs(out_dir, exist_ok=True)
+log_path = os.path.join(out_dir, "log.jsonl")
+if ckpt is None and os.path.exists(log_path):
+    os.remove(log_path)
+
+
+def log(record):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_val():
+    """Val negative ELBO in bits per maskable token: a fixed stratified t-grid (midpoints of
+    batch_size strata), fixed data and masks (own generators), so the same weights give the same
+    number. For an ARM it is the next-token cross-entropy in bits per response token."""
+    model.eval()
+    g = torch.Generator().manual_seed(1234)
+    t = ((torch.arange(batch_size) + 0.5) / batch_size).to(device)
+    total = 0.0
+    for _ in range(eval_iters):
+        x0, eligible = (z.to(device) for z in data.batch(batch_size, "val", g))
+        with ctx:
+            total += row_losses(model, x0, eligible, t, "standard", g).mean().item()
+    model.train()
+    return total / eval_iters / math.log(2)
+
+
+def evaluate():
+    record = {"iter": iter_num, "val_bits": estimate_val()}
+    if hasattr(data, "prompts"):
+        record["acc"] = accuracy(model, data, eval_problems)
+    log(record)
+    acc = f" | held-out exact match {record['acc']:.3f}" if "acc" in record else ""
+    tqdm.write(f"iter {iter_num}: val {record['val_bits']:.4f} bits/token{acc}")
+    return record
+
+
+def save_checkpoint():
+    """Atomic: write a temp file, then os.replace; only plain types and tensors (weights_only)."""
+    np_state = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if device_type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    state = {"model_args": asdict(model.config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "iter_num": iter_num, "config": config, "sampler": sampler.state_dict(), "rng": rng}
+    torch.save(state, ckpt_path + ".tmp")
+    os.replace(ckpt_path + ".tmp", ckpt_path)
+
+
+def log_variance():
+    g = torch.Generator().manual_seed(seed + iter_num)
+    kw = dict(n_t=variance_n_t, n_masks=variance_n_masks, generator=g, batch_size=rows, n_batches=16)
+    res = {"iter": iter_num,
+           "loss": variance.measure(model, data, sampler, masking, variance_n_x0, target="loss", **kw),
+           "grad": variance.measure(model, data, sampler, masking, variance_grad_n_x0, target="grad", **kw)}
+    model.train()
+    tqdm.write(variance.format_line(iter_num, res["loss"], res["grad"]))
+    log({"iter": iter_num, "variance": res})
+    return res
+
+
+def plot_training():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in open(log_path)]
+    train = [r for r in records if "loss" in r and "variance" not in r]
+    evals = [r for r in records if "val_bits" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot([r["iter"] for r in train], [r["loss"] / math.log(2) for r in train], lw=0.8, label="train loss (w·l)")
+    ax1.plot([r["iter"] for r in evals], [r["val_bits"] for r in evals], "o-", label="val ELBO")
+    ax1.set(xlabel="iter", ylabel="bits / token", yscale="log", title=f"{model_type} {t_sampler}/{masking}")
+    ax1.legend()
+    if evals and "acc" in evals[0]:
+        ax2.plot([r["iter"] for r in evals], [r["acc"] for r in evals], "o-")
+        ax2.set(xlabel="iter", ylabel="held-out exact match", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "train.png"), dpi=120)
+    plt.close(fig)
+
+
+variance_records = []
+t_seen, w_seen, loss_sum, t0 = [], [], 0.0, time.time()
+start_iter = iter_num
+bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True)
+while True:
+    if t_sampler == "ppots" and iter_num >= ppots_fit_iter and (
+            iter_num == ppots_fit_iter or (ppots_refit_every and (iter_num - ppots_fit_iter) % ppots_refit_every == 0)):
+        if ppots_online and iter_num > ppots_fit_iter:
+            sampler.refit_online()
+        else:
+            sampler = build_ppots(model, data, masking, generator=torch.Generator().manual_seed(seed + iter_num),
+                                  fit=ppots_fit)
+            model.train()
+        sampler.plot(os.path.join(out_dir, "ppots.png"))
+        tqdm.write(f"iter {iter_num}: P-POTS {sampler.describe()}")
+    if iter_num % eval_interval == 0 and iter_num > start_iter or iter_num == max_iters or iter_num == 0:
+        evaluate()
+        if iter_num > start_iter:
+            save_checkpoint()
+    if variance_interval and iter_num % variance_interval == 0 and (iter_num > start_iter or iter_num == 0):
+        variance_records.append(log_variance())
+    if iter_num >= max_iters:
+        break
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x0, eligible = (z.to(device) for z in data.batch(rows, "train"))
+    t, w = (z.to(device) for z in sampler.sample(rows))
+    with ctx:
+        losses = row_losses(train_model, x0, eligible, t, masking)
+        loss = (w * losses).mean()
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ppots_online and t_sampler == "ppots":
+        sampler.observe(t.cpu(), losses.detach().float().cpu())
+    iter_num += 1
+    t_seen.append(t.cpu())
+    w_seen.append(w.cpu())
+    loss_sum += loss.item()
+    if iter_num % log_interval == 0:
+        t_all = torch.cat(t_seen)
+        log({"iter": iter_num, "loss": loss_sum / len(t_seen), "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
+             "t_hist": torch.histc(t_all, bins=10, min=0, max=1).int().tolist()})
+        bar.set_postfix(loss=f"{loss_sum / len(t_seen):.4f}")
+        t_seen, w_seen, loss_sum = [], [], 0.0
+    bar.update(1)
+bar.close()
+plot_training()
+if variance_records:
+    variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
+final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
+acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
+print(f"done in {time.time() - t0:.0f}s: val {final['val_bits']:.4f} bits/token{acc}")
