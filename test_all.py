@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import variance
 from data import get_task
-from masking import arm_loss, mask_rate, mdm_loss, random_mask, row_losses
+from masking import arm_loss, mask_rate, mdm_loss, mirror_masks, pair_masks, random_mask, row_losses
 from model import ModelConfig, Transformer
 from sample import generate
 from samplers import (CELLS, PPOTSSampler, build_ppots, epr_log_density, log_normalise, make_sampler, measure_curve,
@@ -87,6 +87,47 @@ def test_rows_with_nothing_masked_count_as_zero():
     assert not random_mask(eligible, torch.ones(6))[:, :2].any()
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.7, 0.95])
+def test_mirror_and_pair_masks_have_the_right_marginal_and_joint_rates(p):
+    _, x0, eligible = fixed_problem(B=1, T=40)
+    N = 5000
+    el = eligible.repeat(N, 1)
+    n = N * eligible.sum().item()
+    for masks, joint in ((mirror_masks, max(0.0, 2 * p - 1)), (pair_masks, p * p)):
+        m1, m2 = masks(el, torch.full((N,), p), torch.Generator().manual_seed(3))
+        assert not (m1 | m2)[:, :2].any()  # the prompt
+        for rate, truth in ((m1.sum() / n, p), (m2.sum() / n, p), ((m1 & m2).sum() / n, joint)):
+            assert abs(rate.item() - truth) <= 4 * math.sqrt(truth * (1 - truth) / n) + 1e-12, (masks, rate, truth)
+        if masks is mirror_masks and p <= 0.5:
+            assert not (m1 & m2).any()  # disjoint views
+    again = mirror_masks(el, torch.full((N,), p), torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(again, mirror_masks(el, torch.full((N,), p),
+                                                                       torch.Generator().manual_seed(3))))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_mirror_follows_the_covariance_law_and_beats_pair_with_fixed_logits(p):
+    """Fixed logits: l is linear in the mask indicators, so Var((l1+l2)/2) has a closed form,
+    sum_i (CE_i / (p P))^2 * (p(1-p) + c) / 2 with per-token covariance c = 0 (pair) or
+    -min(p, 1-p)^2 (MIRROR). The Monte Carlo variances must match it within 4 SE."""
+    logits, x0, eligible = fixed_problem(B=1, T=12)
+    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")[0]
+    P, N = eligible.sum().item(), 200000
+    rep = lambda z: z.repeat(N, *[1] * (z.dim() - 1))
+    pv = torch.full((N,), p)
+    for masks, cov in ((pair_masks, 0.0), (mirror_masks, -min(p, 1 - p) ** 2)):
+        m1, m2 = masks(rep(eligible), pv, torch.Generator().manual_seed(4))
+        l = (mdm_loss(rep(logits), rep(x0), m1, rep(eligible), pv) + mdm_loss(rep(logits), rep(x0), m2, rep(eligible), pv)) / 2
+        exact = ((ce[eligible[0]] / (p * P)) ** 2).sum().item() * (p * (1 - p) + cov) / 2
+        centred = (l - l.mean()).double()
+        se = math.sqrt(((centred ** 4).mean() - centred.var() ** 2).item() / N)
+        rounding = 1e-10 * l.mean().item() ** 2  # at p = 1/2 MIRROR's views are complements: Var = 0 up to float32
+        assert abs(centred.var().item() - exact) <= 4 * se + rounding, (masks, centred.var().item(), exact, se)
+        if masks is pair_masks:
+            pair_var = exact
+    assert exact < pair_var
+
+
 # ----------------------------------------------------------------------------- data
 def test_held_out_problems_never_appear_in_training():
     for name, kw in (("sort", dict(num_digits=4)), ("add", dict(num_digits=2))):
@@ -123,9 +164,10 @@ def test_generation_with_a_causal_model_decodes_left_to_right():
 
 
 # ----------------------------------------------------------------------------- training end to end
-def test_short_training_lowers_val_elbo_and_writes_outputs(tmp_path):
+@pytest.mark.parametrize("model_type", ["mdm", "arm"])
+def test_short_training_lowers_val_elbo_and_writes_outputs(tmp_path, model_type):
     out = str(tmp_path)
-    proc = run("train.py", f"--out_dir={out}", "--max_iters=60", "--eval_interval=60", *TINY)
+    proc = run("train.py", f"--out_dir={out}", "--max_iters=60", "--eval_interval=60", f"--model_type={model_type}", *TINY)
     val = [r["val_bits"] for r in read_log(out) if "val_bits" in r]
     assert val[-1] < 0.8 * val[0], val
     assert "held-out exact match" in proc.stdout.strip().splitlines()[-1]
@@ -133,6 +175,20 @@ def test_short_training_lowers_val_elbo_and_writes_outputs(tmp_path):
         assert os.path.exists(os.path.join(out, name))
     sampled = run("sample.py", f"--out_dir={out}", "--num_samples=3")
     assert "held-out exact match" in sampled.stdout
+
+
+def test_ppots_mirror_training_logs_variance_and_writes_plots(tmp_path):
+    out = str(tmp_path)
+    proc = run("train.py", f"--out_dir={out}", "--max_iters=20", "--eval_interval=20", "--t_sampler=ppots",
+               "--masking=mirror", "--ppots_fit_iter=10", *TINY[:-2], "--variance_interval=10", "--warmup_iters=5")
+    assert "P-POTS ppots fit=epr" in proc.stdout
+    lines = [ln for ln in proc.stdout.splitlines() if " | loss A " in ln and " | grad A " in ln]
+    assert [ln.split(" |")[0] for ln in lines] == ["iter 0", "iter 10", "iter 20"]
+    assert len([r for r in read_log(out) if "variance" in r]) == 3
+    train_records = [r for r in read_log(out) if "w_mean" in r]
+    assert all(sum(r["t_hist"]) == 16 * 10 for r in train_records)  # matched compute: 32 rows = 16 x0 x 2 views
+    for name in ("ppots.png", "variance.png", "train.png"):
+        assert os.path.exists(os.path.join(out, name))
 
 
 def test_resume_reproduces_the_uninterrupted_losses_bit_exactly(tmp_path):
@@ -156,6 +212,8 @@ def _one_error_line(proc, *words):
 def test_bad_input_gives_one_clear_error_line(tmp_path):
     _one_error_line(run("train.py", "--no_such_key=1", check=False), "no_such_key")
     _one_error_line(run("train.py", "--max_iters=ten", check=False), "max_iters")
+    (tmp_path / "preset.py").write_text("max_iters = 10\nlearning_rat = 1e-3\n")
+    _one_error_line(run("train.py", str(tmp_path / "preset.py"), check=False), "learning_rat")
     missing = str(tmp_path / "missing.txt")
     _one_error_line(run("train.py", "--task=text", f"--data_path={missing}", check=False), "missing.txt")
     short = tmp_path / "short.txt"

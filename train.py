@@ -189,14 +189,14 @@ def save_checkpoint():
 
 
 def log_variance():
-    g = torch.Generator().manual_seed(seed + iter_num)
+    start, g = time.time(), torch.Generator().manual_seed(seed + iter_num)
     kw = dict(n_t=variance_n_t, n_masks=variance_n_masks, generator=g, batch_size=rows, n_batches=16)
     res = {"iter": iter_num,
            "loss": variance.measure(model, data, sampler, masking, variance_n_x0, target="loss", **kw),
            "grad": variance.measure(model, data, sampler, masking, variance_grad_n_x0, target="grad", **kw)}
     model.train()
     tqdm.write(variance.format_line(iter_num, res["loss"], res["grad"]))
-    log({"iter": iter_num, "variance": res})
+    log({"iter": iter_num, "variance": res, "seconds": time.time() - start})
     return res
 
 
