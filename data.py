@@ -8,6 +8,10 @@ boolean `eligible` marking the maskable (response) positions.
 Held-out problems never appear in training: a synthetic problem is in `val` iff a fixed hash of
 the problem (its digits as an integer) falls in the bottom 10 %; `batch` rejects the others.
 Text is split 90/10 by position.
+
+Each synthetic task also names the token sets of two supplementary methods (masking.py): ISAD's
+critical set S (isad_positions) and SyRM's prompt syntax (syntax_positions, the '+' and '=' tokens).
+Text has neither: it has no prompt and no answer to single out.
 """
 import os
 
@@ -68,12 +72,33 @@ class SyntheticTask:
         """BoolTensor[n]: exact match of the whole response."""
         return (response_ids == self.response(prompt_ids)).all(1)
 
+    def isad_positions(self, rule="default"):
+        """BoolTensor[T]: ISAD's critical set S, response positions masked more often (q = min(1, p + Delta)).
+        rule 'first': the first response token, the one right after the answer delimiter '='.
+        rule 'default': the task's hardest tokens (`hard`, a slice of the response; see the subclasses)."""
+        if rule not in ("default", "first"):
+            fail(f"unknown isad_tokens {rule!r}; choose none, default or first")
+        S = torch.zeros(self.seq_len, dtype=torch.bool)
+        S[self.prompt_len:][slice(0, 1) if rule == "first" else self.hard] = True
+        return S
+
+    def syntax_positions(self):
+        """BoolTensor[T]: SyRM's syntax tokens, the prompt's non-digits ('+', '='); our prompts have a
+        fixed layout, so these are fixed positions."""
+        prompt = self._prompt_ids(torch.zeros(1, self.n_problem_digits, dtype=torch.long))[0]
+        return torch.cat([prompt >= DIGITS.index("+"), torch.zeros(self.response_len, dtype=torch.bool)])
+
 
 class SortTask(SyntheticTask):
+    """ISAD default S: the middle half of the response. The middle order statistics have the most
+    entropy given the prompt (the ends are the min and max, mostly 0s and 9s), and a partly trained model
+    finds them hardest (8 digits, 150 iters: CE 0.5-0.67 nats in the middle vs 0.24-0.28 at the ends)."""
+
     def __init__(self, num_digits=8):
         self.n_problem_digits, self.prompt_len = num_digits, num_digits + 1
         self.response_len = num_digits
         self.seq_len = 2 * num_digits + 1
+        self.hard = slice(num_digits // 4, num_digits - num_digits // 4)
 
     def _prompt_ids(self, digits):
         return torch.cat([digits, torch.full((len(digits), 1), DIGITS.index("="))], 1)
@@ -83,11 +108,15 @@ class SortTask(SyntheticTask):
 
 
 class AddTask(SyntheticTask):
+    """ISAD default S: the first two response tokens, the carry-out and the leading digit of the sum:
+    the only ones that depend on every digit of both operands (through the carry chain)."""
+
     def __init__(self, num_digits=3):
         self.n = num_digits
         self.n_problem_digits, self.prompt_len = 2 * num_digits, 2 * num_digits + 2
         self.response_len = num_digits + 1
         self.seq_len = 3 * num_digits + 3
+        self.hard = slice(0, 2)
 
     def _prompt_ids(self, digits):
         n, col = self.n, lambda c: torch.full((len(digits), 1), DIGITS.index(c))
@@ -141,6 +170,13 @@ class TextTask:
 
     def decode(self, ids):
         return "".join("_" if i == self.mask_id else self.chars[i] for i in ids.tolist())
+
+    def isad_positions(self, rule="default"):
+        fail("task=text has no answer delimiter or critical tokens for ISAD; use --isad_tokens=none")
+
+    def syntax_positions(self):
+        fail("task=text has no prompt, so every token is already maskable and SyRM has no syntax to add; "
+             "use --syrm_alpha=1")
 
 
 TASKS = {"sort": SortTask, "add": AddTask, "text": TextTask}

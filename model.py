@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from configurator import fail
 
@@ -101,15 +102,29 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
-def load_checkpoint(path, device="cpu"):
+def weight_ema(model, decay):
+    """Weight EMA (train.py's ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta after every
+    optimiser step, starting from a copy of the weights at the first update; torch's AveragedModel with
+    get_ema_multi_avg_fn, so `.module` is the averaged Transformer and `.update_parameters(model)` the step.
+    Averaging the last ~1/(1 - decay) iterates smooths the evaluated model, the standard tool against
+    run-to-run variability of what is evaluated (MDLM: 0.9999, for ~1M steps; runs of ~1000 iters want ~0.99).
+    decay = 0 tracks the weights exactly."""
+    if not 0 <= decay < 1:
+        fail(f"ema_decay must be in [0, 1) (0 = off), got {decay}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def load_checkpoint(path, device="cpu", raw=False):
     """(model in eval mode, checkpoint dict) from a train.py checkpoint; one clear error if unreadable.
-    Checkpoints hold only plain types and tensors, so weights_only=True loading is safe."""
+    Checkpoints hold only plain types and tensors, so weights_only=True loading is safe.
+    A checkpoint trained with ema_decay > 0 gives its EMA weights (ckpt['ema']): that is the model train.py
+    evaluates, so sample.py and variance.py see it too. raw=True gives the trained weights (resume)."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} not found (train first: python train.py --out_dir=...)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = Transformer(ModelConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["ema"] if "ema" in ckpt and not raw else ckpt["model"])
     except Exception as e:  # truncated file, wrong format, mismatched weights: all one message
         fail(f"checkpoint {path} is corrupt or not a train.py checkpoint ({type(e).__name__})")
     return model.to(device).eval(), ckpt

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 
 import variance
 from data import get_task
-from masking import arm_loss, mask_rate, mdm_loss, mirror_masks, pair_masks, random_mask, row_losses
-from model import ModelConfig, Transformer
+from masking import (LossControlVariate, Masking, arm_loss, isad_rates, mask_rate, masking_from_config, mdm_loss,
+                     mirror_masks, pair_masks, random_mask, row_losses, syrm_loss)
+from model import ModelConfig, Transformer, load_checkpoint, weight_ema
 from sample import generate
 from samplers import (CELLS, PPOTSSampler, build_ppots, epr_log_density, log_normalise, make_sampler, measure_curve,
                       sampler_from_state)
@@ -596,3 +598,254 @@ def test_grad_projections_match_autograd():
         for k, u in enumerate(dirs):
             expect = sum((g * u[name]).sum() for g, name in zip(grads, params)).item()
             assert proj[r, k].item() == pytest.approx(expect, rel=1e-3, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- ISAD, SyRM, EMA control variate, weight EMA
+MB, MT, MV = 4, 9, 6
+S = torch.zeros(MT, dtype=torch.bool)
+S[[3, 6]] = True  # an ISAD critical set inside the response
+SYNTAX = torch.zeros(MT, dtype=torch.bool)
+SYNTAX[1] = True  # a syntax token inside the 2-token prompt
+
+
+def fixed_isad_problem(seed=0):
+    """Fixed logits, clean tokens, and eligible (response) positions after a 2-token prompt."""
+    g = gen(seed)
+    logits = torch.randn(MB, MT, MV, generator=g)
+    x0 = torch.randint(0, MV, (MB, MT), generator=g)
+    eligible = torch.ones(MB, MT, dtype=torch.bool)
+    eligible[:, :2] = False
+    return logits, x0, eligible
+
+
+class Frozen(torch.nn.Module):
+    """A 'model' whose logits ignore the input: the loss is then linear in the mask indicators, so its
+    mean over masks has a closed form. Rows are the B fixed rows repeated."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.config = logits, SimpleNamespace(causal=False, mask_id=MV)
+
+    def forward(self, idx):
+        return self.logits.repeat(idx.shape[0] // len(self.logits), 1, 1)
+
+
+def ce_of(logits, x0):
+    return F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+
+
+def mc_check(samples, truth):
+    """Per-row Monte Carlo means of samples [N, B] within 4 standard errors of truth [B]."""
+    se = samples.double().std(0) / math.sqrt(len(samples))
+    assert ((samples.double().mean(0) - truth).abs() <= 4 * se + 1e-6).all(), (samples.mean(0), truth, se)
+
+
+# ----------------------------------------------------------------------------- ISAD
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_isad_masks_S_at_min_1_p_plus_delta_and_the_rest_at_p(p):
+    _, _, eligible = fixed_isad_problem()
+    N, delta = 20000, 0.2
+    el, pv = eligible.repeat(N, 1), torch.full((N * MB,), p)
+    q = isad_rates(pv, S, delta)
+    truth = torch.where(S, min(1.0, p + delta), p)
+    views = (random_mask(el, q, gen(1)), *mirror_masks(el, q, gen(2)))
+    for m in views:
+        assert not m[:, :2].any()  # the prompt
+        rate = m.double().mean(0)
+        se = (truth * (1 - truth) / len(m)).sqrt()
+        assert ((rate - truth)[2:].abs() <= 4 * se[2:] + 1e-12).all(), (rate, truth)
+
+
+@pytest.mark.parametrize("mode", ["standard", "mirror", "pair"])
+@pytest.mark.parametrize("t", [0.05, 0.5, 0.9])
+def test_isad_loss_is_unbiased_for_the_standard_loss(mode, t):
+    """Fixed logits: E[l] under ISAD (q = min(1, p + Delta) on S, weight 1/q) must equal E[l] under
+    standard masking, (1/P) sum_eligible CE_i, through the whole row_losses composition."""
+    logits, x0, eligible = fixed_isad_problem()
+    ce = ce_of(logits, x0)
+    exact = (ce * eligible).sum(1) / eligible.sum(1)
+    N = 20000
+    spec = Masking(mode, isad=S, isad_delta=0.2)
+    L = row_losses(Frozen(logits), x0.repeat(N, 1), eligible.repeat(N, 1), torch.full((N * MB,), t), spec, gen(3))
+    mc_check(L.view(N, MB), exact.double())
+
+
+# ----------------------------------------------------------------------------- SyRM
+def test_syrm_with_alpha_1_is_the_standard_loss_exactly():
+    logits, x0, eligible = fixed_isad_problem()
+    p = mask_rate(torch.tensor([0.1, 0.4, 0.7, 1.0]))
+    mask = random_mask(eligible | SYNTAX, p, gen(4))
+    assert mask[:, 1].any()  # the syntax token is masked in some row: it must still not count
+    assert torch.equal(syrm_loss(logits, x0, mask, eligible, SYNTAX.expand(MB, MT), p, 1.0),
+                       mdm_loss(logits, x0, mask & eligible, eligible, p))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
+    task = get_task("sort", num_digits=4)
+    x0, eligible = task.batch(MB, "train", gen(5))
+    t = torch.rand(MB, generator=gen(6))
+    off = masking_from_config({"masking": "mirror", "syrm_alpha": 1.0}, task)
+    assert off.syntax is None and off == "mirror"
+    same = lambda m: row_losses(model, x0, eligible, t, m, gen(7))
+    assert torch.equal(same(off), same("mirror"))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_syrm_loss_is_alpha_mix_of_response_and_syntax_means(alpha):
+    """E[L] = alpha mean_response CE + (1 - alpha) mean_syntax CE: each part normalised by its own count."""
+    logits, x0, eligible = fixed_isad_problem()
+    ce = ce_of(logits, x0)
+    exact = alpha * (ce * eligible).sum(1) / eligible.sum(1) + (1 - alpha) * ce[:, 1]
+    N = 20000
+    spec = Masking("standard", syntax=SYNTAX, syrm_alpha=alpha)
+    L = row_losses(Frozen(logits), x0.repeat(N, 1), eligible.repeat(N, 1), torch.full((N * MB,), 0.3), spec, gen(8))
+    mc_check(L.view(N, MB), exact.double())
+
+
+def test_task_sets_of_isad_and_syrm():
+    sort, add = get_task("sort", num_digits=8), get_task("add", num_digits=3)
+    assert sort.isad_positions().nonzero().flatten().tolist() == [11, 12, 13, 14]  # middle half of the response
+    assert add.isad_positions().nonzero().flatten().tolist() == [8, 9]  # carry-out and leading digit
+    assert sort.isad_positions("first").nonzero().flatten().tolist() == [9]
+    for task, where in ((sort, [8]), (add, [3, 7])):
+        x0, eligible = task.batch(16, "train", gen(9))
+        syntax = task.syntax_positions()
+        assert syntax.nonzero().flatten().tolist() == where and not (syntax & eligible).any()
+        assert (x0[:, syntax] >= 10).all() and (x0[:, :task.prompt_len][:, ~syntax[:task.prompt_len]] < 10).all()
+        assert not (task.isad_positions() & ~eligible[0]).any()
+    with pytest.raises(SystemExit):
+        sort.isad_positions("bogus")
+
+
+def test_masking_options_reach_variance_measure_and_log_as_json():
+    task = get_task("sort", num_digits=4)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
+    spec = masking_from_config({"masking": "mirror", "isad_tokens": "default", "syrm_alpha": 0.8}, task)
+    run = lambda m: measure(model, task, make_sampler("uniform"), m, 4, 2, 2, generator=gen(0), n_batches=2)
+    with_options, plain = run(spec), run("mirror")
+    assert json.loads(json.dumps(with_options))["masking"] == "mirror"
+    assert with_options["A"] != plain["A"]
+    with pytest.raises(SystemExit):
+        Masking("standard", isad_delta=0.0)
+
+
+# ----------------------------------------------------------------------------- EMA control variate
+def stream(cv, sampler, steps, seed, batch=32):
+    """Synthetic losses with a t-dependent mean, l = g(t) + noise: the raw step values w l and the
+    values adjusted by the control variate, float64[steps] each."""
+    g, raw, adj = gen(seed), [], []
+    for _ in range(steps):
+        t, w = sampler.sample(batch, g)
+        l = 1 / (t + 0.05) + 0.5 * torch.randn(batch, generator=g)
+        raw.append((w * l).double().mean().item())
+        adj.append(raw[-1] - cv.correction(t, w, l))
+    return torch.tensor(raw, dtype=torch.float64), torch.tensor(adj, dtype=torch.float64)
+
+
+def test_control_variate_keeps_the_mean_and_lowers_the_variance():
+    raw, adj = stream(LossControlVariate(10, 0.05), make_sampler("uniform"), 1500, 0)
+    raw, adj = raw[200:], adj[200:]
+    diff = adj - raw  # = -c mean b~: zero-mean given the past
+    assert abs(diff.mean()) <= 4 * diff.std() / math.sqrt(len(diff))
+    se = lambda x: math.sqrt(((x - x.mean()) ** 4).mean().item() / len(x))  # SE of a variance (>= the usual)
+    assert adj.var() + 4 * se(adj) < raw.var() - 4 * se(raw), (adj.var(), raw.var())
+
+
+def test_control_is_zero_mean_under_a_non_uniform_unbiased_sampler():
+    """b~ = w b_{j(t)} - mean_j b_j has mean 0 for fixed baselines under P-POTS (w = 1/p(t))."""
+    grid = torch.linspace(0.02, 0.98, 49)
+    sampler = PPOTSSampler(grid, 1 / grid.sqrt(), fit="none")
+    cv = LossControlVariate(10, 0.05)
+    stream(cv, sampler, 50, 1)
+    b = cv.baselines()
+    assert b.std() > 0.1 * b.mean()
+    t, w = sampler.sample(200000, gen(2))
+    h = w.double() * b[(t * 10).long().clamp(max=9)] - b.mean()
+    assert abs(h.mean()) <= 4 * h.std() / math.sqrt(len(h))
+
+
+def test_control_variate_leaves_the_gradient_bit_identical():
+    task = get_task("sort", num_digits=4)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
+    x0, eligible = task.batch(16, "train", gen(0))
+    t, w = make_sampler("uniform").sample(16, gen(1))
+    cv = LossControlVariate(10, 0.05)
+    stream(cv, make_sampler("uniform"), 100, 2, batch=16)
+    grads = []
+    for adjust in (False, True):
+        model.zero_grad()
+        losses = row_losses(model, x0, eligible, t, "standard", gen(3))
+        loss = (w * losses).mean()
+        if adjust:
+            correction = cv.correction(t, w, losses)
+            assert correction != 0.0
+            loss = loss - correction
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_control_variate_state_round_trip():
+    cv = LossControlVariate(10, 0.05)
+    stream(cv, make_sampler("uniform"), 30, 0)
+    buf = io.BytesIO()
+    torch.save(cv.state_dict(), buf)
+    other = LossControlVariate(3, 0.5)
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert torch.equal(stream(cv, make_sampler("uniform"), 20, 1)[1], stream(other, make_sampler("uniform"), 20, 1)[1])
+    with pytest.raises(SystemExit):
+        LossControlVariate(0, 0.05)
+
+
+# ----------------------------------------------------------------------------- weight EMA
+def test_weight_ema_with_decay_0_is_the_weights_and_otherwise_the_average():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ema0, ema_half = weight_ema(model, 0.0), weight_ema(model, 0.5)
+    for step in range(3):
+        before = [p.detach().clone() for p in ema_half.module.parameters()]
+        model(torch.randint(0, 12, (2, 9))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema0.update_parameters(model)
+        ema_half.update_parameters(model)
+        assert all(torch.equal(a, b) for a, b in zip(ema0.module.parameters(), model.parameters()))
+        if step:  # the first update copies the weights; then theta_ema <- (theta_ema + theta) / 2
+            assert all(torch.allclose(e, (b + p) / 2) for e, b, p in
+                       zip(ema_half.module.parameters(), before, model.parameters()))
+    with pytest.raises(SystemExit):
+        weight_ema(model, 1.0)
+
+
+def test_resume_with_every_method_on_is_bit_exact_for_losses_ema_weights_and_control_variate(tmp_path):
+    """ISAD + SyRM + MIRROR + the control variate + weight EMA: 8 iterations straight, against 4 then a
+    resume to 8. Same logged losses (adjusted and raw), same final EMA weights and control-variate state."""
+    common = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=32", "--num_digits=4", "--eval_problems=32",
+              "--eval_iters=1", "--variance_interval=0", "--warmup_iters=2", "--log_interval=1", "--eval_interval=4",
+              "--masking=mirror", "--isad_tokens=default", "--syrm_alpha=0.9", "--ema_bins=4", "--ema_eta=0.2",
+              "--ema_decay=0.9", "--lr_decay_iters=8"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *a], capture_output=True,
+                                      text=True, cwd=HERE, timeout=300)
+    for args in ((f"--out_dir={full}", "--max_iters=8", *common), (f"--out_dir={part}", "--max_iters=4", *common),
+                 (f"--out_dir={part}", "--max_iters=8", "--init_from=resume")):
+        proc = train(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = lambda d: [(r["iter"], r["loss"], r["loss_raw"]) for r in map(json.loads, open(os.path.join(d, "log.jsonl")))
+                      if "loss_raw" in r]
+    assert logs(part) == logs(full) and len(logs(full)) == 8
+    assert any(loss != raw for _, loss, raw in logs(full))  # the control variate did adjust the values
+    ckpt = {d: torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (full, part)}
+    assert all(torch.equal(ckpt[full]["ema"][k], ckpt[part]["ema"][k]) for k in ckpt[full]["ema"])
+    assert all(torch.equal(torch.as_tensor(ckpt[full]["loss_cv"][k]), torch.as_tensor(ckpt[part]["loss_cv"][k]))
+               for k in ckpt[full]["loss_cv"])
+    evaluated, _ = load_checkpoint(os.path.join(full, "ckpt.pt"))
+    trained, _ = load_checkpoint(os.path.join(full, "ckpt.pt"), raw=True)
+    assert torch.equal(evaluated.lm_head.weight, ckpt[full]["ema"]["lm_head.weight"])
+    assert torch.equal(trained.lm_head.weight, ckpt[full]["model"]["lm_head.weight"])
+    assert not torch.equal(evaluated.lm_head.weight, trained.lm_head.weight)
+    bad = train("--syrm_alpha=1.5", "--max_iters=0", f"--out_dir={tmp_path / 'bad'}")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "syrm_alpha" in lines[0]

@@ -3,6 +3,7 @@
     python train.py                                   # sort 8 digits on a laptop CPU (~4 min)
     python train.py config/some_preset.py --key=value # any global below can be overridden
     python train.py --t_sampler=ppots --masking=mirror
+    python train.py --isad_tokens=default --syrm_alpha=0.9 --ema_bins=10 --ema_decay=0.99
     python train.py --init_from=resume --out_dir=out  # continue; the checkpoint's config is the base
 
 One step (see DESIGN.md): x0 ~ task, (t, w) ~ sampler, masks ~ masking mode,
@@ -23,8 +24,8 @@ from tqdm import tqdm
 import variance
 from configurator import configure_globals, fail
 from data import task_from_config
-from masking import MASKINGS, row_losses
-from model import ModelConfig, Transformer, load_checkpoint
+from masking import MASKINGS, LossControlVariate, masking_from_config, row_losses
+from model import ModelConfig, Transformer, load_checkpoint, weight_ema
 from sample import accuracy
 from samplers import build_ppots, make_sampler, sampler_from_state
 
@@ -58,6 +59,13 @@ ppots_fit_iter = 100  # P-POTS: uniform t until this iter, then measure + fit on
 ppots_refit_every = 0  # 0 = fit once (the paper); N = refit every N iters
 ppots_online = False  # refit from the training losses already computed (no extra forwards)
 ppots_fit = "epr"  # epr (7-parameter family, fitted by KL) | none (the measured curve, piecewise linear)
+# supplementary methods (masking.py, model.py); all off by default
+isad_tokens = "none"  # ISAD: none | default (the task's hardest tokens, data.py) | first (first response token)
+isad_delta = 0.2  # ISAD: the critical tokens are masked with q = min(1, p + isad_delta), weighted 1/q
+syrm_alpha = 1.0  # SyRM: 1 = off; < 1 also masks the prompt's syntax, loss a L_resp + (1 - a) L_syntax
+ema_bins = 0  # EMA control variate on the reported loss (gradient unchanged): 0 = off, else m bins of t
+ema_eta = 0.01  # its EMA rate (the paper's code: 0.001 .. 0.1)
+ema_decay = 0.0  # weight EMA, the model evaluated and saved as 'ema': 0 = off (MDLM: 0.9999; 1000 iters: 0.99)
 # variance logging (variance.py): A, B, C of the loss and of the gradient
 variance_interval = 200  # 0 = off
 variance_n_x0 = 16
@@ -83,7 +91,7 @@ config = configure_globals(globals())
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = None
 if init_from == "resume":
-    model, ckpt = load_checkpoint(ckpt_path)
+    model, ckpt = load_checkpoint(ckpt_path, raw=True)
     globals().update({k: v for k, v in ckpt["config"].items() if k in config})
     config = configure_globals(globals())  # the command line still wins
 elif init_from != "scratch":
@@ -92,6 +100,8 @@ if masking not in MASKINGS:
     fail(f"unknown --masking={masking}; choose from {MASKINGS}")
 if model_type not in ("mdm", "arm"):
     fail(f"unknown --model_type={model_type}; use mdm or arm")
+if model_type == "arm" and (isad_tokens != "none" or syrm_alpha != 1):
+    fail("ISAD and SyRM change how tokens are masked, and an ARM masks nothing: use them with --model_type=mdm")
 device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 device_type = "cuda" if "cuda" in device else device
 if not dtype:
@@ -106,6 +116,7 @@ torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
 data = task_from_config(config)
+mask_spec = masking_from_config(config, data)  # the masking mode with its ISAD / SyRM options
 rows = batch_size // 2 if masking in ("mirror", "pair") and matched_compute else batch_size
 if ckpt is None:
     model = Transformer(ModelConfig(vocab_size=data.vocab_size, mask_id=data.mask_id, block_size=data.seq_len,
@@ -116,9 +127,17 @@ print(f"model: {model.num_params() / 1e6:.2f}M parameters, {'causal (ARM)' if mo
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 sampler = make_sampler("uniform" if t_sampler == "ppots" else t_sampler)
+ema = weight_ema(model, ema_decay) if ema_decay else None
+eval_model = model if ema is None else ema.module  # what estimate_val, accuracy and the checkpoint's users see
+loss_cv = LossControlVariate(ema_bins, ema_eta) if ema_bins else None
 iter_num = 0
 if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None and "ema" in ckpt:
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.copy_(ckpt["ema_n"])
+    if loss_cv is not None and "loss_cv" in ckpt:
+        loss_cv.load_state_dict(ckpt["loss_cv"])
     iter_num = ckpt["iter_num"]
     sampler = sampler_from_state(ckpt["sampler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -152,15 +171,16 @@ def get_lr(it):
 def estimate_val():
     """Val negative ELBO in bits per maskable token: a fixed stratified t-grid (midpoints of
     batch_size strata), fixed data and masks (own generators), so the same weights give the same
-    number. For an ARM it is the next-token cross-entropy in bits per response token."""
-    model.eval()
+    number. For an ARM it is the next-token cross-entropy in bits per response token. Always the
+    standard MDM objective, whatever ISAD/SyRM train on; with ema_decay > 0, of the EMA weights."""
+    eval_model.eval()
     g = torch.Generator().manual_seed(1234)
     t = ((torch.arange(batch_size) + 0.5) / batch_size).to(device)
     total = 0.0
     for _ in range(eval_iters):
         x0, eligible = (z.to(device) for z in data.batch(batch_size, "val", g))
         with ctx:
-            total += row_losses(model, x0, eligible, t, "standard", g).mean().item()
+            total += row_losses(eval_model, x0, eligible, t, "standard", g).mean().item()
     model.train()
     return total / eval_iters / math.log(2)
 
@@ -168,7 +188,7 @@ def estimate_val():
 def evaluate():
     record = {"iter": iter_num, "val_bits": estimate_val()}
     if hasattr(data, "prompts"):
-        record["acc"] = accuracy(model, data, eval_problems)
+        record["acc"] = accuracy(eval_model, data, eval_problems)
     log(record)
     acc = f" | held-out exact match {record['acc']:.3f}" if "acc" in record else ""
     tqdm.write(f"iter {iter_num}: val {record['val_bits']:.4f} bits/token{acc}")
@@ -184,6 +204,10 @@ def save_checkpoint():
         rng["cuda"] = torch.cuda.get_rng_state()
     state = {"model_args": asdict(model.config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "iter_num": iter_num, "config": config, "sampler": sampler.state_dict(), "rng": rng}
+    if ema is not None:
+        state.update(ema=ema.module.state_dict(), ema_n=ema.n_averaged)
+    if loss_cv is not None:
+        state["loss_cv"] = loss_cv.state_dict()
     torch.save(state, ckpt_path + ".tmp")
     os.replace(ckpt_path + ".tmp", ckpt_path)
 
@@ -192,8 +216,8 @@ def log_variance():
     start, g = time.time(), torch.Generator().manual_seed(seed + iter_num)
     kw = dict(n_t=variance_n_t, n_masks=variance_n_masks, generator=g, batch_size=rows, n_batches=16)
     res = {"iter": iter_num,
-           "loss": variance.measure(model, data, sampler, masking, variance_n_x0, target="loss", **kw),
-           "grad": variance.measure(model, data, sampler, masking, variance_grad_n_x0, target="grad", **kw)}
+           "loss": variance.measure(model, data, sampler, mask_spec, variance_n_x0, target="loss", **kw),
+           "grad": variance.measure(model, data, sampler, mask_spec, variance_grad_n_x0, target="grad", **kw)}
     model.train()
     tqdm.write(variance.format_line(iter_num, res["loss"], res["grad"]))
     log({"iter": iter_num, "variance": res, "seconds": time.time() - start})
@@ -221,7 +245,7 @@ def plot_training():
 
 
 variance_records = []
-t_seen, w_seen, loss_sum, t0 = [], [], 0.0, time.time()
+t_seen, w_seen, loss_sum, raw_sum, t0 = [], [], 0.0, 0.0, time.time()
 start_iter = iter_num
 bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True)
 while True:
@@ -230,7 +254,7 @@ while True:
         if ppots_online and iter_num > ppots_fit_iter:
             sampler.refit_online()
         else:
-            sampler = build_ppots(model, data, masking, generator=torch.Generator().manual_seed(seed + iter_num),
+            sampler = build_ppots(model, data, mask_spec, generator=torch.Generator().manual_seed(seed + iter_num),
                                   fit=ppots_fit)
             model.train()
         sampler.plot(os.path.join(out_dir, "ppots.png"))
@@ -249,8 +273,11 @@ while True:
     x0, eligible = (z.to(device) for z in data.batch(rows, "train"))
     t, w = (z.to(device) for z in sampler.sample(rows))
     with ctx:
-        losses = row_losses(train_model, x0, eligible, t, masking)
+        losses = row_losses(train_model, x0, eligible, t, mask_spec)
         loss = (w * losses).mean()
+    if loss_cv is not None:  # the reported value changes, its gradient does not
+        raw_sum += loss.item()
+        loss = loss - loss_cv.correction(t, w, losses)
     scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
@@ -258,6 +285,8 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update_parameters(model)
     if ppots_online and t_sampler == "ppots":
         sampler.observe(t.cpu(), losses.detach().float().cpu())
     iter_num += 1
@@ -266,10 +295,13 @@ while True:
     loss_sum += loss.item()
     if iter_num % log_interval == 0:
         t_all = torch.cat(t_seen)
-        log({"iter": iter_num, "loss": loss_sum / len(t_seen), "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
-             "t_hist": torch.histc(t_all, bins=10, min=0, max=1).int().tolist()})
+        record = {"iter": iter_num, "loss": loss_sum / len(t_seen), "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
+                  "t_hist": torch.histc(t_all, bins=10, min=0, max=1).int().tolist()}
+        if loss_cv is not None:
+            record["loss_raw"] = raw_sum / len(t_seen)  # the plain mean(w l); "loss" is the adjusted value
+        log(record)
         bar.set_postfix(loss=f"{loss_sum / len(t_seen):.4f}")
-        t_seen, w_seen, loss_sum = [], [], 0.0
+        t_seen, w_seen, loss_sum, raw_sum = [], [], 0.0, 0.0
     bar.update(1)
 bar.close()
 plot_training()
