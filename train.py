@@ -112,7 +112,10 @@ lr_decay_iters = lr_decay_iters or max_iters
 config = {k: globals()[k] for k in config}
 print("config:", json.dumps(config))
 
-torch.manual_seed(seed)
+torch.manual_seed(seed)  # init, t and masks
+# the x0 stream has its own generator (offset from the global one), so methods with the same rows per
+# step see the same training examples for a seed, however many random numbers their t/masks consume
+data_gen = torch.Generator().manual_seed(seed + 1_000_003)
 random.seed(seed)
 np.random.seed(seed)
 data = task_from_config(config)
@@ -141,6 +144,7 @@ if ckpt is not None:
     iter_num = ckpt["iter_num"]
     sampler = sampler_from_state(ckpt["sampler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
+    data_gen.set_state(ckpt["rng"]["data"])
     if device_type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     np.random.set_state(("MT19937", ckpt["rng"]["numpy"][0].numpy().astype(np.uint32), *ckpt["rng"]["numpy"][1:]))
@@ -198,7 +202,7 @@ def evaluate():
 def save_checkpoint():
     """Atomic: write a temp file, then os.replace; only plain types and tensors (weights_only)."""
     np_state = np.random.get_state()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
            "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -270,7 +274,7 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x0, eligible = (z.to(device) for z in data.batch(rows, "train"))
+    x0, eligible = (z.to(device) for z in data.batch(rows, "train", data_gen))
     t, w = (z.to(device) for z in sampler.sample(rows))
     with ctx:
         losses = row_losses(train_model, x0, eligible, t, mask_spec)
