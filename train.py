@@ -225,7 +225,6 @@ def log_variance():
     model.train()
     tqdm.write(variance.format_line(iter_num, res["loss"], res["grad"]))
     log({"iter": iter_num, "variance": res, "seconds": time.time() - start})
-    return res
 
 
 def plot_training():
@@ -248,14 +247,14 @@ def plot_training():
     plt.close(fig)
 
 
-variance_records = []
 t_seen, w_seen, loss_sum, raw_sum, t0 = [], [], 0.0, 0.0, time.time()
 start_iter = iter_num
 bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True)
 while True:
-    if t_sampler == "ppots" and iter_num >= ppots_fit_iter and (
-            iter_num == ppots_fit_iter or (ppots_refit_every and (iter_num - ppots_fit_iter) % ppots_refit_every == 0)):
-        if ppots_online and iter_num > ppots_fit_iter:
+    since_fit = iter_num - ppots_fit_iter
+    if t_sampler == "ppots" and iter_num < max_iters and (
+            since_fit == 0 or since_fit > 0 and ppots_refit_every and since_fit % ppots_refit_every == 0):
+        if ppots_online and since_fit > 0:
             sampler.refit_online()
         else:
             sampler = build_ppots(model, data, mask_spec, generator=torch.Generator().manual_seed(seed + iter_num),
@@ -268,7 +267,7 @@ while True:
         if iter_num > start_iter:
             save_checkpoint()
     if variance_interval and iter_num % variance_interval == 0 and (iter_num > start_iter or iter_num == 0):
-        variance_records.append(log_variance())
+        log_variance()
     if iter_num >= max_iters:
         break
     lr = get_lr(iter_num)
@@ -309,6 +308,7 @@ while True:
     bar.update(1)
 bar.close()
 plot_training()
+variance_records = [json.loads(line)["variance"] for line in open(log_path) if '"variance"' in line]
 if variance_records:
     variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
 final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
