@@ -97,6 +97,21 @@ def accuracy(model, task, n_problems, steps=None, block_length=None, seed=1234, 
     return correct / n_problems
 
 
+@torch.no_grad()
+def text_sample(model, task, prompt="", length=256, **gen):
+    """Up to `length` characters after `prompt` (an empty prompt starts from a newline, the text's
+    usual boundary, so that an ARM has a first token to condition on), as one string."""
+    ids = task.encode(prompt or "\n")[None].to(next(model.parameters()).device)
+    length = min(length, task.block_size - ids.shape[1])
+    if length <= 0:
+        fail(f"prompt is {ids.shape[1]} chars; it must be shorter than block_size={task.block_size}")
+    was_training = model.training
+    model.eval()
+    x = generate(model, ids, length, **gen)
+    model.train(was_training)
+    return task.decode(x[0].cpu())
+
+
 def main(argv):
     cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=0.0, remasking="low_confidence",
                          block_length=0, num_samples=4, length=256, device="cpu", seed=1337), argv)
@@ -118,14 +133,8 @@ def main(argv):
             acc = accuracy(model, task, ckpt["config"]["eval_problems"], cfg["steps"] or None, cfg["block_length"] or None)
             print(f"held-out exact match: {acc:.3f} on {ckpt['config']['eval_problems']} problems")
         return
-    prompt = task.encode(cfg["prompt"])[None].to(cfg["device"])
-    length = min(cfg["length"], task.block_size - prompt.shape[1])
-    if length <= 0:
-        fail(f"prompt is {prompt.shape[1]} chars; it must be shorter than block_size={task.block_size}")
-    x = generate(model, prompt.repeat(cfg["num_samples"], 1), length, **gen).cpu()
-    for row in x:
-        print(task.decode(row) + "\n" + "-" * 40)
-
+    for _ in range(cfg["num_samples"]):
+        print(text_sample(model, task, cfg["prompt"], cfg["length"], **gen) + "\n" + "-" * 40)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

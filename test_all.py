@@ -203,6 +203,20 @@ def test_resume_reproduces_the_uninterrupted_losses_bit_exactly(tmp_path):
     assert losses(part) == losses(full) and len(losses(full)) == 20
 
 
+def test_text_training_reports_nats_and_samples_and_rejects_unknown_prompt_chars(tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
+    out = str(tmp_path / "out")
+    proc = run("train.py", "--task=text", f"--data_path={text}", "--block_size=32", f"--out_dir={out}",
+               "--max_iters=20", "--eval_interval=20", "--sample_length=24", "--sample_prompt=the", *TINY)
+    assert "--- sample after 'the'" in proc.stdout and "nats/token" in proc.stdout.splitlines()[-1]
+    evals = [r for r in read_log(out) if "val_nats" in r]
+    assert evals[-1]["val_nats"] < evals[0]["val_nats"]
+    assert math.isclose(evals[-1]["val_bits"], evals[-1]["val_nats"] / math.log(2))
+    assert len(run("sample.py", f"--out_dir={out}", "--prompt=lazy", "--length=8", "--num_samples=1").stdout) > 8
+    _one_error_line(run("sample.py", f"--out_dir={out}", "--prompt=QZ!", check=False), "not in the vocabulary")
+
+
 # ----------------------------------------------------------------------------- bad input
 def _one_error_line(proc, *words):
     assert proc.returncode != 0
@@ -218,6 +232,9 @@ def test_bad_input_gives_one_clear_error_line(tmp_path):
     _one_error_line(run("train.py", str(tmp_path / "preset.py"), check=False), "learning_rat")
     missing = str(tmp_path / "missing.txt")
     _one_error_line(run("train.py", "--task=text", f"--data_path={missing}", check=False), "missing.txt")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00caf\xe9" * 100)
+    _one_error_line(run("train.py", "--task=text", f"--data_path={binary}", check=False), "not UTF-8")
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be")
     _one_error_line(run("train.py", "--task=text", f"--data_path={short}", "--block_size=64", check=False),

@@ -26,7 +26,7 @@ from configurator import configure_globals, fail
 from data import task_from_config
 from masking import MASKINGS, LossControlVariate, masking_from_config, row_losses
 from model import ModelConfig, Transformer, load_checkpoint, weight_ema
-from sample import accuracy
+from sample import accuracy, text_sample
 from samplers import build_ppots, make_sampler, sampler_from_state
 
 # -----------------------------------------------------------------------------
@@ -44,6 +44,9 @@ num_digits = 8  # sort: how many digits; add: digits per operand
 data_path = ""  # task=text: any UTF-8 file
 block_size = 256  # task=text: sequence length (synthetic tasks fix their own)
 batch_size = 128  # forward rows per step
+sample_length = 256  # task=text: characters generated at the end of training
+sample_prompt = ""  # task=text: also generate after this prompt
+sample_block_length = 32  # task=text: semi-autoregressive blocks of this many characters
 # model
 model_type = "mdm"  # mdm (bidirectional) | arm (causal, next-token loss)
 n_layer = 4
@@ -173,9 +176,9 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_val():
-    """Val negative ELBO in bits per maskable token: a fixed stratified t-grid (midpoints of
+    """Val negative ELBO in nats per maskable token (a char for task=text): a fixed stratified t-grid (midpoints of
     batch_size strata), fixed data and masks (own generators), so the same weights give the same
-    number. For an ARM it is the next-token cross-entropy in bits per response token. Always the
+    number, directly comparable with an ARM's val loss: its next-token cross-entropy per response token. Always the
     standard MDM objective, whatever ISAD/SyRM train on; with ema_decay > 0, of the EMA weights."""
     eval_model.eval()
     g = torch.Generator().manual_seed(1234)
@@ -186,16 +189,17 @@ def estimate_val():
         with ctx:
             total += row_losses(eval_model, x0, eligible, t, "standard", g).mean().item()
     model.train()
-    return total / eval_iters / math.log(2)
+    return total / eval_iters
 
 
 def evaluate():
-    record = {"iter": iter_num, "val_bits": estimate_val()}
+    val_nats = estimate_val()
+    record = {"iter": iter_num, "val_nats": val_nats, "val_bits": val_nats / math.log(2)}
     if hasattr(data, "prompts"):
         record["acc"] = accuracy(eval_model, data, eval_problems)
     log(record)
     acc = f" | held-out exact match {record['acc']:.3f}" if "acc" in record else ""
-    tqdm.write(f"iter {iter_num}: val {record['val_bits']:.4f} bits/token{acc}")
+    tqdm.write(f"iter {iter_num}: val {val_nats:.4f} nats/token = {record['val_bits']:.4f} bits/token{acc}")
     return record
 
 
@@ -313,4 +317,8 @@ if variance_records:
     variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
 final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
 acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
-print(f"done in {time.time() - t0:.0f}s: val {final['val_bits']:.4f} bits/token{acc}")
+if not hasattr(data, "prompts"):  # text: show what the model writes
+    for prompt in ("", sample_prompt) if sample_prompt else ("",):
+        print(f"--- sample{f' after {prompt!r}' if prompt else ''} ({sample_block_length}-char blocks):")
+        print(text_sample(eval_model, data, prompt, sample_length, block_length=sample_block_length))
+print(f"done in {time.time() - t0:.0f}s: val {final['val_nats']:.4f} nats/token = {final['val_bits']:.4f} bits/token{acc}")

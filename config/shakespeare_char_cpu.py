@@ -1,0 +1,20 @@
+# Char-level MDM on tinyshakespeare, sized for a laptop CPU: nanoGPT's CPU recipe
+# (block 64, batch 12, 4 layers x 128, 2000 iters), so --model_type=arm is comparable with its val 1.88.
+#   python train.py config/shakespeare_char_cpu.py --data_path=../shared/data/tinyshakespeare.txt
+task = "text"
+out_dir = "out-shakespeare-char-cpu"
+block_size = 64
+batch_size = 12
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+warmup_iters = 100
+eval_interval = 250
+eval_iters = 50  # 50 x 12 windows for the val ELBO: a t-grid per window batch, so more batches than nanoGPT
+variance_interval = 1000
+sample_prompt = "ROMEO:"
