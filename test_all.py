@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reproduce
 import variance
 from data import get_task
 from masking import (LossControlVariate, Masking, arm_loss, isad_rates, mask_rate, masking_from_config, mdm_loss,
@@ -866,3 +867,73 @@ def test_resume_with_every_method_on_is_bit_exact_for_losses_ema_weights_and_con
     bad = train("--syrm_alpha=1.5", "--max_iters=0", f"--out_dir={tmp_path / 'bad'}")
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "syrm_alpha" in lines[0]
+
+
+# ----------------------------------------------------------------------------- reproduce.py
+TINY_TRAIN = ("--n_layer=1 --n_head=2 --n_embd=32 --num_digits=4 --eval_problems=32 --eval_iters=1 "
+              "--variance_n_x0=4 --variance_grad_n_x0=2")
+
+
+def reproduce_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "reproduce.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=300)
+
+
+def test_reproduce_tiny_table_has_every_row_and_a_second_call_trains_nothing(tmp_path):
+    methods = ["Standard", "P-POTS+MIRROR", "ARM"]
+    args = [f"--out={tmp_path}", f"--methods={','.join(methods)}", "--seeds=2", "--max_iters=10",
+            f"--train_args={TINY_TRAIN}"]
+    first = reproduce_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 to train" in first.stdout
+    table = open(tmp_path / "table.md").read()
+    for m in methods:
+        assert f"| {m} |" in table
+    assert "best Standard" in table and (tmp_path / "table.png").stat().st_size > 0
+    records = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
+    assert sorted((r["method"], r["seed"]) for r in records) == sorted((m, s) for m in methods for s in (0, 1))
+    for r in records:  # the final iteration was evaluated and its variance measured
+        assert r["iter"] == 10 and 0 <= r["acc"] <= 1 and r["loss_A"] is not None and r["grad_C"] is not None
+    arm = [r for r in records if r["method"] == "ARM"]
+    assert all(r["loss_A"] == 0 and r["loss_B"] == 0 for r in arm)  # no t, no mask: all variance is C
+
+    logs = sorted(tmp_path.glob("runs/*/log.jsonl"))
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    second = reproduce_cli(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "6 cached" in second.stdout and "0 to train" in second.stdout
+    assert [p.stat().st_mtime_ns for p in logs] == stamps  # no run directory was touched
+    assert len(open(tmp_path / "runs.jsonl").readlines()) == len(records)
+    assert open(tmp_path / "table.md").read() == table
+
+    changed = reproduce_cli(*args[:1], "--methods=Standard", "--seeds=1", "--max_iters=11", *args[-1:])
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "0 cached" in changed.stdout and "1 to train" in changed.stdout  # a new budget reuses nothing
+
+
+def test_reproduce_quick_preset_loses_to_explicit_flags():
+    quick = reproduce.parse(["--quick"])
+    assert quick["seeds"] == reproduce.QUICK["seeds"] and quick["max_iters"] == reproduce.QUICK["max_iters"]
+    assert reproduce.parse(["--seeds=3", "--quick"])["seeds"] == 3
+    assert reproduce.parse([])["methods"] == list(reproduce.METHODS)
+
+
+def test_reproduce_train_flags_put_method_after_task_and_extra_args_last():
+    cfg = reproduce.parse(["--methods=MIRROR", "--train_args=--masking=pair --n_layer=1"])
+    flags = reproduce.train_flags(cfg, "MIRROR", 3)
+    assert flags[0] == "--seed=3" and flags[-2:] == ["--masking=pair", "--n_layer=1"]
+    assert flags.index("--masking=mirror") > flags.index("--batch_size=32")
+    assert reproduce.signature(flags) != reproduce.signature(reproduce.train_flags(cfg, "MIRROR", 4))
+
+
+def test_reproduce_bad_input_gives_one_clear_error_line(tmp_path):
+    for args, needle in [(["--methods=Standard,Nope"], "unknown method 'Nope'"),
+                         (["--bogus=1"], "unknown flag --bogus"),
+                         (["--seeds=0"], "--seeds"),
+                         (["--seeds=two"], "--seeds expects int")]:
+        proc = reproduce_cli(f"--out={tmp_path}", *args)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+    proc = reproduce_cli(f"--out={tmp_path}", "--methods=Standard", "--seeds=1", "--train_args=--no_such_flag=1")
+    assert proc.returncode != 0 and "unknown flag --no_such_flag" in proc.stderr.strip().splitlines()[-1]

@@ -277,7 +277,7 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x0, eligible = (z.to(device) for z in data.batch(rows, "train", data_gen))
+    x0, eligible = (z[:rows].to(device) for z in data.batch(batch_size, "train", data_gen))  # mirror/pair: half
     t, w = (z.to(device) for z in sampler.sample(rows))
     with ctx:
         losses = row_losses(train_model, x0, eligible, t, mask_spec)
