@@ -1,7 +1,7 @@
 """Table 1 of the paper at matched compute: every method, several seeds, one table.
 
-    python reproduce.py                                  # 12 methods x 10 seeds on a 2-core CPU
-    python reproduce.py --quick                          # smoke test: 2 seeds, 100 steps (~3 min)
+    python reproduce.py                                  # 12 methods x 10 seeds: 26 min on 2 CPU cores
+    python reproduce.py --quick                          # smoke test: 2 seeds, 100 steps: 4 min
     python reproduce.py --methods=Standard,P-POTS+MIRROR --seeds=5 --out=results_pm
     python reproduce.py config/reproduce_gpu.py          # a bigger preset for one GPU
     python reproduce.py --train_args="--n_layer=1 --n_embd=32"   # extra train.py flags, applied last

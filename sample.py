@@ -136,5 +136,6 @@ def main(argv):
     for _ in range(cfg["num_samples"]):
         print(text_sample(model, task, cfg["prompt"], cfg["length"], **gen) + "\n" + "-" * 40)
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -183,8 +183,10 @@ def test_short_training_lowers_val_elbo_and_writes_outputs(tmp_path, model_type)
 def test_ppots_mirror_training_logs_variance_and_writes_plots(tmp_path):
     out = str(tmp_path)
     proc = run("train.py", f"--out_dir={out}", "--max_iters=20", "--eval_interval=20", "--t_sampler=ppots",
-               "--masking=mirror", "--ppots_fit_iter=10", *TINY[:-2], "--variance_interval=10", "--warmup_iters=5")
-    assert "P-POTS ppots fit=epr" in proc.stdout
+               "--masking=mirror", "--ppots_fit_iter=10", "--ppots_online=True", "--ppots_refit_every=5",
+               *TINY[:-2], "--variance_interval=10", "--warmup_iters=5")
+    fits = [ln.split(":")[0] for ln in proc.stdout.splitlines() if "P-POTS ppots fit=epr" in ln]
+    assert fits == ["iter 10", "iter 15"]  # measured at 10, refitted online from the binned training losses at 15
     lines = [ln for ln in proc.stdout.splitlines() if " | loss A " in ln and " | grad A " in ln]
     assert [ln.split(" |")[0] for ln in lines] == ["iter 0", "iter 10", "iter 20"]
     assert len([r for r in read_log(out) if "variance" in r]) == 3
