@@ -240,8 +240,8 @@ def main(argv):
     res, curves = {}, {}
     for s, m in tqdm([(s, m) for m in MASKINGS for s in ("uniform", "stratified", "ppots")], desc="variance"):
         if s == "ppots":  # fitted once per masking, on the same weights
-            sampler = samplers.build_ppots(model, task, masking=m, generator=gen())
             curves[m] = samplers.measure_curve(model, task, masking=m, generator=gen())
+            sampler = samplers.PPOTSSampler(curves[m]["t"], curves[m]["m"].sqrt())  # = build_ppots, curve kept
         else:
             sampler = samplers.make_sampler(s)
         res[s, m] = measure(model, task, sampler, m, generator=gen(), batch_size=rows(m), **kw)
