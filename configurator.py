@@ -11,8 +11,9 @@ from ast import literal_eval
 
 
 def fail(msg):
-    """One clear error line on stderr and a non-zero exit: the house rule for bad input."""
-    raise SystemExit(f"error: {msg}")
+    """One clear error line on stderr and a non-zero exit: the house rule for bad input. Under torchrun
+    only rank 0 prints it (every rank exits)."""
+    raise SystemExit(f"error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)
 
 
 def _typed(key, value, default):

@@ -167,39 +167,52 @@ def masking_from_config(config, task):
                    syntax=task.syntax_positions() if alpha < 1 else None, syrm_alpha=alpha)
 
 
-def row_losses(model, x0, eligible, t, masking="standard", generator=None):
+def _rates(opts, p):
+    """The masking probability of every token: p per row, or ISAD's q = min(1, p + Delta) on S, [B, T]."""
+    return p if opts.isad is None else isad_rates(p, opts.isad.to(p.device), opts.isad_delta)
+
+
+def draw_masks(eligible, t, masking="standard", generator=None):
+    """The masks of one batch, drawn apart from any forward pass: a tuple of BoolTensor[B, T], one per view
+    (standard: 1; mirror, pair: 2). train.py draws a step's masks once for the whole global batch, the same on
+    every rank, and gives each micro-batch its rows, so the training estimator does not depend on how the
+    batch is split over processes or accumulation steps."""
+    opts = masking if isinstance(masking, Masking) else Masking(masking)
+    q = _rates(opts, mask_rate(t))
+    maskable = eligible if opts.syntax is None else eligible | opts.syntax.to(eligible.device)
+    if opts == "standard":
+        return (random_mask(maskable, q, generator),)
+    return (mirror_masks if opts == "mirror" else pair_masks)(maskable, q, generator)
+
+
+def row_losses(model, x0, eligible, t, masking="standard", generator=None, masks=None):
     """One draw of the training loss per clean row: FloatTensor[B].
 
     The composition used by train.py, variance.py and samplers.py (P-POTS measurement):
     p = mask_rate(t) -> mask(s) -> x_t -> model -> mdm_loss. For `mirror`/`pair` both views go
     through the model in ONE forward pass (concatenated on the batch) and the row's loss is
-    (l1 + l2)/2. A causal (ARM) model ignores t and masks and returns arm_loss.
+    (l1 + l2)/2. A causal (ARM) model ignores t and masks and returns arm_loss. `masks`: the views
+    already drawn by draw_masks for these rows (default: drawn here from `generator`).
     A Masking with options adds, in any of the three modes: ISAD, the critical set S masked with
     q = min(1, p + Delta) and weighted 1/q (isad_rates, mdm_loss's q); SyRM, the prompt's syntax tokens
     maskable too and the loss split into response and syntax parts (syrm_loss).
     """
-    if model.config.causal:
+    config = getattr(model, "module", model).config  # through a DistributedDataParallel wrapper
+    if config.causal:
         return arm_loss(model(x0), x0, eligible)
     opts = masking if isinstance(masking, Masking) else Masking(masking)
+    masks = draw_masks(eligible, t, opts, generator) if masks is None else masks
     p = mask_rate(t)
-    q = p if opts.isad is None else isad_rates(p, opts.isad.to(x0.device), opts.isad_delta)
-    maskable = eligible if opts.syntax is None else eligible | opts.syntax.to(x0.device)
-    if opts == "standard":
-        masks = (random_mask(maskable, q, generator),)
-    elif opts == "mirror":
-        masks = mirror_masks(maskable, q, generator)
-    else:
-        masks = pair_masks(maskable, q, generator)
     k = len(masks)
     mask = torch.cat(masks)
     x0k, eligible_k, pk = x0.repeat(k, 1), eligible.repeat(k, 1), p.repeat(k)
-    qk = None if opts.isad is None else q.repeat(k, 1)
-    x_t = torch.where(mask, model.config.mask_id, x0k)
+    qk = None if opts.isad is None else _rates(opts, p).repeat(k, 1)
+    x_t = torch.where(mask, config.mask_id, x0k)
     logits = model(x_t)
     if opts.syntax is None:
         loss = mdm_loss(logits, x0k, mask, eligible_k, pk, qk)
     else:
-        syntax_k = (maskable & ~eligible).repeat(k, 1)
+        syntax_k = (opts.syntax.to(x0.device) & ~eligible).repeat(k, 1)
         loss = syrm_loss(logits, x0k, mask, eligible_k, syntax_k, pk, opts.syrm_alpha, qk)
     return loss.view(k, -1).mean(0)
 

@@ -2,8 +2,11 @@
 and causal attention for the autoregressive (ARM) baseline -- the same class, one flag."""
 import math
 import os
+import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -102,6 +105,22 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
+def device_and_dtype(device="", dtype=""):
+    """(device, device type, torch dtype, autocast context) for train.py and bench.py. '' = auto: cuda > mps > cpu;
+    bfloat16 autocast on GPUs that run it natively (compute capability >= 8), float16 on older ones such as
+    Colab's T4 (the caller adds a GradScaler), float32 elsewhere. Whatever the autocast dtype, mdm_loss applies
+    the 1/p and 1/p(t) weights in float32: p goes down to 1e-3, and bfloat16 keeps only 8 significant bits."""
+    device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device_type = "cuda" if "cuda" in device else device
+    if not dtype:
+        native_bf16 = device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if native_bf16 else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"unknown --dtype={dtype}; use float32, bfloat16 or float16")
+    ptdtype = getattr(torch, dtype)
+    return device, device_type, ptdtype, nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
+
+
 def weight_ema(model, decay):
     """Weight EMA (train.py's ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta after every
     optimiser step, starting from a copy of the weights at the first update; torch's AveragedModel with
@@ -128,3 +147,24 @@ def load_checkpoint(path, device="cpu", raw=False):
     except Exception as e:  # truncated file, wrong format, mismatched weights: all one message
         fail(f"checkpoint {path} is corrupt or not a train.py checkpoint ({type(e).__name__})")
     return model.to(device).eval(), ckpt
+
+
+def rng_state(data_gen):
+    """Every random stream of a training run, for its checkpoint: torch (t, masks, init), CUDA, the x0 stream's
+    own generator, python and numpy; plain types and tensors only, so weights_only loading works."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
+             "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, data_gen):
+    """Undo rng_state: a resumed run draws exactly the numbers the uninterrupted run would have drawn."""
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32), *state["numpy"][1:]))
+    random.setstate(state["python"])

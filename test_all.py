@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import reproduce
 import variance
 from data import get_task
-from masking import (LossControlVariate, Masking, arm_loss, isad_rates, mask_rate, masking_from_config, mdm_loss,
+from masking import (LossControlVariate, Masking, arm_loss, draw_masks, isad_rates, mask_rate, masking_from_config, mdm_loss,
                      mirror_masks, pair_masks, random_mask, row_losses, syrm_loss)
 from model import ModelConfig, Transformer, load_checkpoint, weight_ema
 from sample import generate
@@ -231,6 +232,8 @@ def _one_error_line(proc, *words):
 def test_bad_input_gives_one_clear_error_line(tmp_path):
     _one_error_line(run("train.py", "--no_such_key=1", check=False), "no_such_key")
     _one_error_line(run("train.py", "--max_iters=ten", check=False), "max_iters")
+    _one_error_line(run("train.py", "--batch_size=30", "--gradient_accumulation_steps=4", check=False),
+                    "do not split")
     (tmp_path / "preset.py").write_text("max_iters = 10\nlearning_rat = 1e-3\n")
     _one_error_line(run("train.py", str(tmp_path / "preset.py"), check=False), "learning_rat")
     missing = str(tmp_path / "missing.txt")
@@ -939,3 +942,100 @@ def test_reproduce_bad_input_gives_one_clear_error_line(tmp_path):
         assert len(lines) == 1 and needle in lines[0], proc.stderr
     proc = reproduce_cli(f"--out={tmp_path}", "--methods=Standard", "--seeds=1", "--train_args=--no_such_flag=1")
     assert proc.returncode != 0 and "unknown flag --no_such_flag" in proc.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- speed and scale: precision, compile, DDP, bench
+@pytest.mark.parametrize("mode", ["standard", "mirror", "pair", "isad+syrm"])
+def test_masks_drawn_for_the_batch_then_sliced_give_the_rows_of_one_call(tiny_model, mode):
+    """What DDP and gradient accumulation rely on: a micro-batch given its rows of the batch's masks computes
+    exactly the losses that one call on the whole batch computes for those rows."""
+    model, task = tiny_model
+    masking = (Masking("mirror", isad=task.isad_positions(), syntax=task.syntax_positions(), syrm_alpha=0.8)
+               if mode == "isad+syrm" else mode)
+    x0, eligible = task.batch(12, "train", gen(0))
+    t = torch.rand(12, generator=gen(1))
+    with torch.no_grad():
+        whole = row_losses(model, x0, eligible, t, masking, gen(2))
+        masks = draw_masks(eligible, t, masking, gen(2))
+        parts = [row_losses(model, x0[s], eligible[s], t[s], masking, masks=tuple(m[s] for m in masks))
+                 for s in (slice(0, 4), slice(4, 6), slice(6, 12))]
+    assert len(masks) == (1 if mode == "standard" else 2)
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_weights_stay_float32_under_bfloat16_autocast():
+    """The 1/p weight (p down to eps = 1e-3) is applied in float32 whatever the autocast dtype: bfloat16 keeps
+    8 significant bits, so p itself would be off by up to 0.4 % (shown below) and so would the loss."""
+    logits, x0, eligible = fixed_problem()
+    logits = logits.bfloat16()
+    t = torch.tensor([0.0, 1e-3, 0.0137, 0.3, 0.77, 1.0])
+    p = mask_rate(t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mdm_loss(logits, x0, eligible, eligible, p)
+    ce = F.cross_entropy(logits.double().transpose(1, 2), x0, reduction="none")
+    exact = (ce * eligible).sum(1) / (p.double() * eligible.sum(1))
+    assert loss.dtype == torch.float32
+    assert ((loss.double() - exact).abs() / exact).max() < 1e-6
+    assert ((p.bfloat16().double() - p.double()).abs() / p.double()).max() > 1e-3  # what bfloat16 weights would cost
+
+
+def _compiler_available():
+    return torch._dynamo.is_dynamo_supported() and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _compiler_available(), reason="torch.compile needs dynamo and a C++ compiler on CPU")
+def test_compiled_training_matches_eager(tmp_path):
+    common = ["--max_iters=3", "--eval_interval=3", "--log_interval=1", "--learning_rate=1e-2", *TINY]
+    run("train.py", f"--out_dir={tmp_path / 'eager'}", *common)
+    run("train.py", f"--out_dir={tmp_path / 'compiled'}", "--compile=True", *common)
+    losses = lambda d: [r["loss"] for r in read_log(tmp_path / d) if "loss" in r]
+    assert len(losses("eager")) == 3
+    np.testing.assert_allclose(losses("compiled"), losses("eager"), rtol=1e-4)
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "train.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is needed")
+def test_two_processes_train_like_one_on_the_same_global_batch_and_resume_in_one(tmp_path):
+    """batch_size is the global batch: 2 processes x 2 accumulation steps of 4 x0 rows (MIRROR, StraTS, the EMA
+    control variate on the gathered row losses) log the losses that 1 process computes on all 16; only float
+    rounding differs. Rank-dependent draws would change the very first loss. P-POTS fitted on rank 0 and
+    broadcast samples what a single process samples. The 2-process checkpoint resumes in 1 process."""
+    common = [*TINY, "--max_iters=4", "--eval_interval=4", "--log_interval=1", "--lr_decay_iters=8",
+              "--warmup_iters=0", "--learning_rate=1e-2"]
+    runs = {"stratified": ["--masking=mirror", "--t_sampler=stratified", "--ema_bins=4"],
+            "ppots": ["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2"]}
+    for name, flags in runs.items():
+        one, two = tmp_path / f"{name}1", tmp_path / f"{name}2"
+        run("train.py", f"--out_dir={one}", *common, *flags)
+        proc = torchrun(f"--out_dir={two}", *common, *flags, "--gradient_accumulation_steps=2")
+        assert proc.stdout.count("done in") == 1  # only rank 0 reports
+        for a, b in zip(read_log(one), read_log(two), strict=True):
+            assert a.keys() == b.keys() and a["iter"] == b["iter"]
+            if "t_hist" in a:
+                assert a["t_hist"] == b["t_hist"]
+            for key in ("loss", "loss_raw", "w_mean", "val_nats"):
+                if key in a:
+                    assert math.isclose(a[key], b[key], rel_tol=1e-5), (name, a, b)
+    for d in ("stratified1", "stratified2"):
+        run("train.py", f"--out_dir={tmp_path / d}", "--init_from=resume", "--max_iters=6")
+    resumed = [[r.get("loss", r.get("val_nats")) for r in read_log(tmp_path / d)] for d in ("stratified1", "stratified2")]
+    assert len(resumed[0]) == len(read_log(tmp_path / "stratified1")) and len(resumed[0]) > 6
+    np.testing.assert_allclose(resumed[1], resumed[0], rtol=1e-5)
+
+
+def test_bench_prints_every_figure():
+    out = run("bench.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--num_digits=4", "--batch_size=16",
+              "--warmup=1", "--repeats=3", "--gen_rows=4", "--max_iters=10", "--variance_interval=5").stdout
+    for label in ("floor: fwd + bwd + AdamW", "standard + uniform t", "MIRROR, matched rows", "pair, matched rows",
+                  "P-POTS t (fitted), standard", "uniform.sample(16)", "ppots.sample(16)", "variance logging (loss + grad)",
+                  "P-POTS measure + fit", "1 step", "4 steps"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(label))
+        assert float(line[len(label):].split()[0].replace(",", "")) > 0, line

@@ -5,9 +5,17 @@
     python train.py --t_sampler=ppots --masking=mirror
     python train.py --isad_tokens=default --syrm_alpha=0.9 --ema_bins=10 --ema_decay=0.99
     python train.py --init_from=resume --out_dir=out  # continue; the checkpoint's config is the base
+    torchrun --standalone --nproc_per_node=2 train.py  # DDP: the same run (same global batch) on 2 processes
 
 One step (see DESIGN.md): x0 ~ task, (t, w) ~ sampler, masks ~ masking mode,
 loss = mean_rows(w * l), l = mdm_loss (the pair mean for mirror/pair) -> backward -> AdamW.
+
+batch_size is the GLOBAL batch. Every rank draws the step's whole batch (x0, t, w, masks) from the same
+seeded streams and trains on its own rows of it, split again into gradient_accumulation_steps micro-batches;
+DDP averages the gradients. So 1 process, N processes, or N accumulation steps run the same estimator on the
+same numbers (up to float rounding): a StraTS batch is stratified across ranks, and a resumed checkpoint does
+not care how many processes wrote it. Only rank 0 evaluates, logs, saves, measures variance and fits P-POTS
+(whose fitted state it broadcasts).
 """
 import json
 import math
@@ -19,13 +27,16 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import variance
 from configurator import configure_globals, fail
 from data import task_from_config
-from masking import MASKINGS, LossControlVariate, masking_from_config, row_losses
-from model import ModelConfig, Transformer, load_checkpoint, weight_ema
+from masking import MASKINGS, LossControlVariate, draw_masks, masking_from_config, row_losses
+from model import (ModelConfig, Transformer, device_and_dtype, load_checkpoint, rng_state, set_rng_state,
+                   weight_ema)
 from sample import accuracy, text_sample
 from samplers import build_ppots, make_sampler, sampler_from_state
 
@@ -43,7 +54,8 @@ task = "sort"  # sort | add | text
 num_digits = 8  # sort: how many digits; add: digits per operand
 data_path = ""  # task=text: any UTF-8 file
 block_size = 256  # task=text: sequence length (synthetic tasks fix their own)
-batch_size = 128  # forward rows per step
+batch_size = 128  # forward rows per step, over all processes (the global batch)
+gradient_accumulation_steps = 1  # micro-batches per process per step (memory only: the estimator is unchanged)
 sample_length = 256  # task=text: characters generated at the end of training
 sample_prompt = ""  # task=text: also generate after this prompt
 sample_block_length = 32  # task=text: semi-autoregressive blocks of this many characters
@@ -86,11 +98,14 @@ warmup_iters = 100
 lr_decay_iters = 0  # 0 = max_iters
 min_lr = 2e-4
 # system
-device = ""  # '' = auto: cuda > mps > cpu
-dtype = ""  # '' = auto: bfloat16 on CUDA if supported (else float16 + GradScaler), float32 elsewhere
+device = ""  # '' = auto: cuda > mps > cpu (under torchrun, cuda:LOCAL_RANK)
+dtype = ""  # '' = auto: bfloat16 on GPUs with native bf16, float16 + GradScaler on older ones, float32 elsewhere
 compile = False
 # -----------------------------------------------------------------------------
 config = configure_globals(globals())
+ddp = "RANK" in os.environ  # started by torchrun
+rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+master = rank == 0  # evaluates, logs, saves, measures variance, fits P-POTS
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = None
 if init_from == "resume":
@@ -105,33 +120,37 @@ if model_type not in ("mdm", "arm"):
     fail(f"unknown --model_type={model_type}; use mdm or arm")
 if model_type == "arm" and (isad_tokens != "none" or syrm_alpha != 1):
     fail("ISAD and SyRM change how tokens are masked, and an ARM masks nothing: use them with --model_type=mdm")
-device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-device_type = "cuda" if "cuda" in device else device
-if not dtype:
-    dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-if dtype not in ("float32", "bfloat16", "float16"):
-    fail(f"unknown --dtype={dtype}; use float32, bfloat16 or float16")
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+rows = batch_size // 2 if masking in ("mirror", "pair") and matched_compute else batch_size  # clean rows
+if gradient_accumulation_steps < 1 or rows % (world_size * gradient_accumulation_steps):
+    fail(f"{rows} clean rows per step do not split into {world_size} processes x {gradient_accumulation_steps} "
+         f"accumulation steps: choose batch_size and gradient_accumulation_steps so they do")
+micro_rows = rows // (world_size * gradient_accumulation_steps)
+device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
+if ddp:
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 lr_decay_iters = lr_decay_iters or max_iters
 config = {k: globals()[k] for k in config}
-print("config:", json.dumps(config))
+if master:
+    print("config:", json.dumps(config))
 
-torch.manual_seed(seed)  # init, t and masks
+torch.manual_seed(seed)  # init, t and masks: the same seed on every rank, which trains on its own rows
 # the x0 stream has its own generator (offset from the global one), so methods with the same rows per
 # step see the same training examples for a seed, however many random numbers their t/masks consume
 data_gen = torch.Generator().manual_seed(seed + 1_000_003)
-random.seed(seed)
+random.seed(seed)  # python and numpy draw nothing here; seeded (and checkpointed) for forks that do
 np.random.seed(seed)
 data = task_from_config(config)
 mask_spec = masking_from_config(config, data)  # the masking mode with its ISAD / SyRM options
-rows = batch_size // 2 if masking in ("mirror", "pair") and matched_compute else batch_size
 if ckpt is None:
     model = Transformer(ModelConfig(vocab_size=data.vocab_size, mask_id=data.mask_id, block_size=data.seq_len,
                                     n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
                                     bias=bias, causal=model_type == "arm"))
 model.to(device).train()
-print(f"model: {model.num_params() / 1e6:.2f}M parameters, {'causal (ARM)' if model.config.causal else 'bidirectional (MDM)'}")
+if master:
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {'causal (ARM)' if model.config.causal else 'bidirectional (MDM)'}")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 sampler = make_sampler("uniform" if t_sampler == "ppots" else t_sampler)
@@ -148,17 +167,15 @@ if ckpt is not None:
         loss_cv.load_state_dict(ckpt["loss_cv"])
     iter_num = ckpt["iter_num"]
     sampler = sampler_from_state(ckpt["sampler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    data_gen.set_state(ckpt["rng"]["data"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    np.random.set_state(("MT19937", ckpt["rng"]["numpy"][0].numpy().astype(np.uint32), *ckpt["rng"]["numpy"][1:]))
-    random.setstate(ckpt["rng"]["python"])
+    set_rng_state(ckpt["rng"], data_gen)
 train_model = torch.compile(model) if compile else model
-os.makedirs(out_dir, exist_ok=True)
+if ddp:
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
 log_path = os.path.join(out_dir, "log.jsonl")
-if ckpt is None and os.path.exists(log_path):
-    os.remove(log_path)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if ckpt is None and os.path.exists(log_path):
+        os.remove(log_path)
 
 
 def log(record):
@@ -207,13 +224,8 @@ def evaluate():
 
 def save_checkpoint():
     """Atomic: write a temp file, then os.replace; only plain types and tensors (weights_only)."""
-    np_state = np.random.get_state()
-    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
-           "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if device_type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state()
     state = {"model_args": asdict(model.config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "iter_num": iter_num, "config": config, "sampler": sampler.state_dict(), "rng": rng}
+             "iter_num": iter_num, "config": config, "sampler": sampler.state_dict(), "rng": rng_state(data_gen)}
     if ema is not None:
         state.update(ema=ema.module.state_dict(), ema_n=ema.n_averaged)
     if loss_cv is not None:
@@ -231,6 +243,15 @@ def log_variance():
     model.train()
     tqdm.write(variance.format_line(iter_num, res["loss"], res["grad"]))
     log({"iter": iter_num, "variance": res, "seconds": time.time() - start})
+
+
+def gather_rows(local):
+    """The per-row values of the whole global batch, in row order, from each rank's contiguous share."""
+    if not ddp:
+        return local
+    shares = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(shares, local)
+    return torch.cat(shares)
 
 
 def plot_training():
@@ -253,41 +274,74 @@ def plot_training():
     plt.close(fig)
 
 
+def finish():
+    """Rank 0, after the last step: plots, text samples, and the one-line summary."""
+    plot_training()
+    variance_records = [json.loads(line)["variance"] for line in open(log_path) if '"variance"' in line]
+    if variance_records:
+        variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
+    final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
+    acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
+    if not hasattr(data, "prompts"):  # text: show what the model writes
+        for prompt in ("", sample_prompt) if sample_prompt else ("",):
+            print(f"--- sample{f' after {prompt!r}' if prompt else ''} ({sample_block_length}-char blocks):")
+            print(text_sample(eval_model, data, prompt, sample_length, block_length=sample_block_length))
+    print(f"done in {time.time() - t0:.0f}s: val {final['val_nats']:.4f} nats/token = {final['val_bits']:.4f} "
+          f"bits/token{acc}")
+
+
 t_seen, w_seen, loss_sum, raw_sum, t0 = [], [], 0.0, 0.0, time.time()
 start_iter = iter_num
-bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True)
+bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, disable=not master)
 while True:
     since_fit = iter_num - ppots_fit_iter
     if t_sampler == "ppots" and iter_num < max_iters and (
             since_fit == 0 or since_fit > 0 and ppots_refit_every and since_fit % ppots_refit_every == 0):
-        if ppots_online and since_fit > 0:
+        if master and ppots_online and since_fit > 0:
             sampler.refit_online()
-        else:
+        elif master:
             sampler = build_ppots(model, data, mask_spec, generator=torch.Generator().manual_seed(seed + iter_num),
                                   fit=ppots_fit)
             model.train()
-        sampler.plot(os.path.join(out_dir, "ppots.png"))
-        tqdm.write(f"iter {iter_num}: P-POTS {sampler.describe()}")
-    if iter_num % eval_interval == 0 and iter_num > start_iter or iter_num == max_iters or iter_num == 0:
+        if ddp:  # rank 0 measured and fitted; every rank samples t from its fit
+            state = [sampler.state_dict()]
+            dist.broadcast_object_list(state, src=0)
+            sampler = sampler_from_state(state[0])
+        if master:
+            sampler.plot(os.path.join(out_dir, "ppots.png"))
+            tqdm.write(f"iter {iter_num}: P-POTS {sampler.describe()}")
+    if master and (iter_num % eval_interval == 0 and iter_num > start_iter or iter_num == max_iters or iter_num == 0):
         evaluate()
         if iter_num > start_iter:
             save_checkpoint()
-    if variance_interval and iter_num % variance_interval == 0 and (iter_num > start_iter or iter_num == 0):
+    if master and variance_interval and iter_num % variance_interval == 0 and (iter_num > start_iter or iter_num == 0):
         log_variance()
     if iter_num >= max_iters:
         break
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x0, eligible = (z[:rows].to(device) for z in data.batch(batch_size, "train", data_gen))  # mirror/pair: half
-    t, w = (z.to(device) for z in sampler.sample(rows))
-    with ctx:
-        losses = row_losses(train_model, x0, eligible, t, mask_spec)
-        loss = (w * losses).mean()
+    # the global batch, the same on every rank (mirror/pair: the first half of the x0 rows)
+    x0, eligible = (z[:rows].to(device) for z in data.batch(batch_size, "train", data_gen))
+    t_cpu, w_cpu = sampler.sample(rows)
+    t, w = t_cpu.to(device), w_cpu.to(device)
+    masks = draw_masks(eligible, t, mask_spec) if model_type == "mdm" else None
+    parts = []  # this rank's row losses, micro-batch by micro-batch
+    for micro in range(gradient_accumulation_steps):
+        start = (rank * gradient_accumulation_steps + micro) * micro_rows
+        mb = slice(start, start + micro_rows)
+        last = micro == gradient_accumulation_steps - 1
+        with train_model.no_sync() if ddp and not last else nullcontext():  # all-reduce the gradient once
+            with ctx:
+                part = row_losses(train_model, x0[mb], eligible[mb], t[mb], mask_spec,
+                                  masks=None if masks is None else tuple(m[mb] for m in masks))
+            scaler.scale((w[mb] * part).mean() / gradient_accumulation_steps).backward()
+        parts.append(part.detach())
+    losses = gather_rows(torch.cat(parts))  # l of every row of the global batch, on every rank
+    loss = (w * losses).mean()
     if loss_cv is not None:  # the reported value changes, its gradient does not
         raw_sum += loss.item()
         loss = loss - loss_cv.correction(t, w, losses)
-    scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -297,30 +351,24 @@ while True:
     if ema is not None:
         ema.update_parameters(model)
     if ppots_online and t_sampler == "ppots" and iter_num >= ppots_fit_iter:  # fitted: bin losses for the next refit
-        sampler.observe(t.cpu(), losses.detach().float().cpu())
+        sampler.observe(t_cpu, losses.float().cpu())
     iter_num += 1
-    t_seen.append(t.cpu())
-    w_seen.append(w.cpu())
-    loss_sum += loss.item()
+    t_seen.append(t_cpu)
+    w_seen.append(w_cpu)
+    loss_sum += loss.detach()  # a tensor: no host sync per step
     if iter_num % log_interval == 0:
         t_all = torch.cat(t_seen)
-        record = {"iter": iter_num, "loss": loss_sum / len(t_seen), "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
+        record = {"iter": iter_num, "loss": loss_sum.item() / len(t_seen), "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
                   "t_hist": torch.histc(t_all, bins=10, min=0, max=1).int().tolist()}
         if loss_cv is not None:
             record["loss_raw"] = raw_sum / len(t_seen)  # the plain mean(w l); "loss" is the adjusted value
-        log(record)
-        bar.set_postfix(loss=f"{loss_sum / len(t_seen):.4f}")
+        if master:
+            log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
         t_seen, w_seen, loss_sum, raw_sum = [], [], 0.0, 0.0
     bar.update(1)
 bar.close()
-plot_training()
-variance_records = [json.loads(line)["variance"] for line in open(log_path) if '"variance"' in line]
-if variance_records:
-    variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
-final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
-acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
-if not hasattr(data, "prompts"):  # text: show what the model writes
-    for prompt in ("", sample_prompt) if sample_prompt else ("",):
-        print(f"--- sample{f' after {prompt!r}' if prompt else ''} ({sample_block_length}-char blocks):")
-        print(text_sample(eval_model, data, prompt, sample_length, block_length=sample_block_length))
-print(f"done in {time.time() - t0:.0f}s: val {final['val_nats']:.4f} nats/token = {final['val_bits']:.4f} bits/token{acc}")
+if ddp:
+    dist.destroy_process_group()
+if master:
+    finish()
