@@ -4,9 +4,11 @@
     python bench.py --device=cpu --repeats=50
     python bench.py --task=text --data_path=../shared/data/tinyshakespeare.txt --block_size=64 --batch_size=32
 
-Every figure is the median of `repeats` timed calls after `warmup` untimed ones (CUDA synchronised), printed
-as ms per call, tokens/s where tokens are processed, and its ratio to one floor step; the training steps are timed in turns (floor, standard, MIRROR, ...,
-floor, standard, ...) so that a machine that speeds up or slows down affects them all alike. The training steps are train.py's step with one process and one micro-batch
+Every figure is a median of timed calls after untimed warm-up calls (CUDA synchronised), printed as ms per
+call, tokens/s where tokens are processed, and its ratio to one floor step. The training steps: `repeats` calls
+after `warmup`, timed in turns (floor, standard, MIRROR, ..., floor, standard, ...) so that a machine that speeds
+up or slows down affects them all alike; drawing t: 200 calls; the one-offs: 3 after 1; generation:
+max(3, repeats // 5) after 2. The training steps are train.py's step with one process and one micro-batch
 (x0 from the task, t and w from the sampler, masks, row_losses, w-weighted mean, backward, grad clip, AdamW),
 composed here from the same calls. The one-off costs (variance logging, P-POTS measure + fit) are also given
 as a fraction of the steps of a default run: max_iters steps at the measured standard step time.

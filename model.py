@@ -113,7 +113,7 @@ def device_and_dtype(device="", dtype=""):
     device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     device_type = "cuda" if "cuda" in device else device
     if not dtype:
-        native_bf16 = device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8
+        native_bf16 = device_type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         dtype = "float32" if device_type != "cuda" else "bfloat16" if native_bf16 else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"unknown --dtype={dtype}; use float32, bfloat16 or float16")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import fail
-from masking import row_losses
+from masking import draw_masks, row_losses
 
 CELLS = 4096  # P-POTS tabulates p on 4096 equal cells of [0, 1]
 EPR_NAMES = ("a", "b", "A", "kappa", "r", "q", "m")
@@ -269,11 +269,13 @@ class PPOTSSampler(Sampler):
 
 
 @torch.no_grad()
-def measure_curve(model, task, masking="standard", T=70, n_x0=32, n_masks=4, generator=None, batch_rows=512):
+def measure_curve(model, task, masking="standard", T=70, n_x0=32, n_masks=4, generator=None, batch_rows=2048,
+                  forward_rows=512):
     """Measure m(t_j) = E[l^2 | t_j] on t_j = linspace(1/T, 1 - 1/T, T - 1) with n_x0 training examples
-    and n_masks masks each: (T - 1) n_x0 n_masks rows, batch_rows per forward pass (the result does not depend
-    on it; 512 ran 1.7x faster than 2048 on 2 CPU cores, bench.py), in eval mode (the model's training flag is
-    restored afterwards). For P-POTS, w(t) = √m(t).
+    and n_masks masks each: (T - 1) n_x0 n_masks rows, in eval mode (the model's training flag is restored
+    afterwards). For P-POTS, w(t) = √m(t). The masks are drawn batch_rows rows at a time (pair's draws depend
+    on it, so it stays fixed) and the model runs on forward_rows rows at a time (the result does not depend on
+    it; 512 rows are faster than 2,048 on a CPU's caches: bench.py's 'P-POTS measure').
 
     m is the plain mean of l^2 over all n_x0 * n_masks draws: unbiased for E_x0[g(x0,t)^2 + v(x0,t)],
     so it includes the spread of g across x0. (Identity: mean l^2 = mean_x0(g^2 + v (n-1)/n) with g, v the
@@ -290,17 +292,23 @@ def measure_curve(model, task, masking="standard", T=70, n_x0=32, n_masks=4, gen
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    l = torch.cat([row_losses(model, x0[i:i + batch_rows].to(device), eligible[i:i + batch_rows].to(device),
-                              t[i:i + batch_rows].to(device), masking, generator).cpu()
-                   for i in range(0, len(t), batch_rows)])
+    l = []
+    for i in range(0, len(t), batch_rows):
+        x, e, tt = (z[i:i + batch_rows].to(device) for z in (x0, eligible, t))
+        masks = None if model.config.causal else draw_masks(e, tt, masking, generator)
+        for j in range(0, len(tt), forward_rows):
+            rows_j = slice(j, j + forward_rows)
+            l.append(row_losses(model, x[rows_j], e[rows_j], tt[rows_j], masking,
+                                masks=None if masks is None else tuple(m[rows_j] for m in masks)).cpu())
+    l = torch.cat(l)
     model.train(was_training)
     l = l.view(T - 1, n_x0, n_masks)
     return dict(t=t_grid, m=(l ** 2).mean((1, 2)), g=l.mean((1, 2)), v=l.var(2).mean(1))
 
 
-def build_ppots(model, task, masking="standard", generator=None, T=70, n_x0=32, n_masks=4, batch_rows=512, **kw):
+def build_ppots(model, task, masking="standard", generator=None, T=70, n_x0=32, n_masks=4, **kw):
     """Measure the curve (measure_curve) and return PPOTSSampler(t, √m, **kw)."""
-    curve = measure_curve(model, task, masking, T, n_x0, n_masks, generator, batch_rows)
+    curve = measure_curve(model, task, masking, T, n_x0, n_masks, generator)
     return PPOTSSampler(curve["t"], curve["m"].sqrt(), **kw)
 
 

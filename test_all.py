@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from types import SimpleNamespace
 
 import numpy as np
@@ -460,8 +461,13 @@ def test_measure_curve(tiny_model, training):
     assert all(len(curve[k]) == 9 for k in ("t", "m", "g", "v"))
     assert torch.isfinite(curve["m"]).all() and (curve["m"] > 0).all()
     for other in (measure_curve(model, task, generator=gen(1), **kw),
-                  measure_curve(model, task, generator=gen(1), batch_rows=7, **kw)):  # chunking changes nothing
+                  measure_curve(model, task, generator=gen(1), batch_rows=7, **kw),  # chunking changes nothing
+                  measure_curve(model, task, generator=gen(1), forward_rows=5, **kw)):
         assert all(torch.allclose(curve[k], other[k], rtol=1e-5) for k in curve)
+    pair = measure_curve(model, task, "pair", generator=gen(1), batch_rows=16, **kw)  # pair's draws depend on batch_rows
+    for forward_rows in (3, 16):  # ... but not the forward passes
+        other = measure_curve(model, task, "pair", generator=gen(1), batch_rows=16, forward_rows=forward_rows, **kw)
+        assert all(torch.allclose(pair[k], other[k], rtol=1e-5) for k in pair)
     # m = mean_x0(g_x^2 + v_x (n-1)/n) >= (mean_x0 g_x)^2 + mean_x0 v_x (n-1)/n: the x0 spread of g is in m
     assert (curve["m"] >= (curve["g"] ** 2 + curve["v"] * 2 / 3) * (1 - 1e-5)).all()
     sampler = build_ppots(model, task, generator=gen(1), fit="none", **kw)
@@ -980,17 +986,20 @@ def test_loss_weights_stay_float32_under_bfloat16_autocast():
 
 
 def _compiler_available():
-    return torch._dynamo.is_dynamo_supported() and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    """torch.compile on CPU (inductor) needs dynamo, a C++ compiler and the Python headers."""
+    return (torch._dynamo.is_dynamo_supported() and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+            and os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
 
 
-@pytest.mark.skipif(not _compiler_available(), reason="torch.compile needs dynamo and a C++ compiler on CPU")
+@pytest.mark.skipif(not _compiler_available(), reason="torch.compile needs dynamo, a C++ compiler and Python.h")
 def test_compiled_training_matches_eager(tmp_path):
     common = ["--max_iters=3", "--eval_interval=3", "--log_interval=1", "--learning_rate=1e-2", *TINY]
-    run("train.py", f"--out_dir={tmp_path / 'eager'}", *common)
-    run("train.py", f"--out_dir={tmp_path / 'compiled'}", "--compile=True", *common)
-    losses = lambda d: [r["loss"] for r in read_log(tmp_path / d) if "loss" in r]
-    assert len(losses("eager")) == 3
-    np.testing.assert_allclose(losses("compiled"), losses("eager"), rtol=1e-4)
+    eager = run("train.py", f"--out_dir={tmp_path / 'eager'}", *common)
+    compiled = run("train.py", f"--out_dir={tmp_path / 'compiled'}", "--compile=True", *common)
+    assert "compiling the training step" in compiled.stdout and "compiling" not in eager.stdout
+    logged = lambda d: [(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / d) if "loss" in r]
+    assert len(logged("eager")) == 3
+    np.testing.assert_allclose(logged("compiled"), logged("eager"), rtol=1e-4)
 
 
 def torchrun(*args, nproc=2):
@@ -1005,23 +1014,26 @@ def torchrun(*args, nproc=2):
                     reason="torch.distributed with gloo is needed")
 def test_two_processes_train_like_one_on_the_same_global_batch_and_resume_in_one(tmp_path):
     """batch_size is the global batch: 2 processes x 2 accumulation steps of 4 x0 rows (MIRROR, StraTS, the EMA
-    control variate on the gathered row losses) log the losses that 1 process computes on all 16; only float
-    rounding differs. Rank-dependent draws would change the very first loss. P-POTS fitted on rank 0 and
-    broadcast samples what a single process samples. The 2-process checkpoint resumes in 1 process."""
+    control variate on the gathered row losses) log the losses and gradient norms that 1 process computes on all
+    16; only float rounding differs. Rank-dependent draws would change the very first loss, a wrong gradient
+    scale the gradient norm. P-POTS fitted on rank 0 and broadcast samples what a single process samples. With
+    dropout, the same 4 micro-batches (1 process x 4 accumulation steps) draw the same dropout masks, which
+    ranks sharing one RNG stream would not. The 2-process checkpoint resumes in 1 process."""
     common = [*TINY, "--max_iters=4", "--eval_interval=4", "--log_interval=1", "--lr_decay_iters=8",
               "--warmup_iters=0", "--learning_rate=1e-2"]
-    runs = {"stratified": ["--masking=mirror", "--t_sampler=stratified", "--ema_bins=4"],
-            "ppots": ["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2"]}
-    for name, flags in runs.items():
+    runs = {"stratified": (["--masking=mirror", "--t_sampler=stratified", "--ema_bins=4"], 1),
+            "ppots": (["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2"], 1),
+            "dropout": (["--dropout=0.1"], 4)}
+    for name, (flags, accumulation) in runs.items():
         one, two = tmp_path / f"{name}1", tmp_path / f"{name}2"
-        run("train.py", f"--out_dir={one}", *common, *flags)
+        run("train.py", f"--out_dir={one}", *common, *flags, f"--gradient_accumulation_steps={accumulation}")
         proc = torchrun(f"--out_dir={two}", *common, *flags, "--gradient_accumulation_steps=2")
         assert proc.stdout.count("done in") == 1  # only rank 0 reports
         for a, b in zip(read_log(one), read_log(two), strict=True):
             assert a.keys() == b.keys() and a["iter"] == b["iter"]
             if "t_hist" in a:
                 assert a["t_hist"] == b["t_hist"]
-            for key in ("loss", "loss_raw", "w_mean", "val_nats"):
+            for key in ("loss", "loss_raw", "grad_norm", "w_mean", "val_nats"):
                 if key in a:
                     assert math.isclose(a[key], b[key], rel_tol=1e-5), (name, a, b)
     for d in ("stratified1", "stratified2"):

@@ -13,16 +13,16 @@ loss = mean_rows(w * l), l = mdm_loss (the pair mean for mirror/pair) -> backwar
 batch_size is the GLOBAL batch. Every rank draws the step's whole batch (x0, t, w, masks) from the same
 seeded streams and trains on its own rows of it, split again into gradient_accumulation_steps micro-batches;
 DDP averages the gradients. So 1 process, N processes, or N accumulation steps run the same estimator on the
-same numbers (up to float rounding): a StraTS batch is stratified across ranks, and a resumed checkpoint does
-not care how many processes wrote it. Only rank 0 evaluates, logs, saves, measures variance and fits P-POTS
-(whose fitted state it broadcasts).
+same numbers (up to float rounding; with dropout, for the same micro-batches): a StraTS batch is stratified
+across ranks, and a resumed checkpoint does not care how many processes wrote it. Only rank 0 evaluates,
+logs, saves, measures variance and fits P-POTS (whose fitted state it broadcasts).
 """
 import json
 import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -93,7 +93,7 @@ max_iters = 1000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
-grad_clip = 1.0
+grad_clip = 1.0  # max gradient norm; 0 = no clipping (the norm before clipping is logged either way)
 warmup_iters = 100
 lr_decay_iters = 0  # 0 = max_iters
 min_lr = 2e-4
@@ -125,11 +125,11 @@ if gradient_accumulation_steps < 1 or rows % (world_size * gradient_accumulation
     fail(f"{rows} clean rows per step do not split into {world_size} processes x {gradient_accumulation_steps} "
          f"accumulation steps: choose batch_size and gradient_accumulation_steps so they do")
 micro_rows = rows // (world_size * gradient_accumulation_steps)
+if ddp and (device.startswith("cuda") or not device and torch.cuda.is_available()):
+    device = f"cuda:{local_rank}"  # one GPU per process, chosen before anything touches CUDA
+    torch.cuda.set_device(device)
 device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
 if ddp:
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 lr_decay_iters = lr_decay_iters or max_iters
 config = {k: globals()[k] for k in config}
@@ -168,9 +168,11 @@ if ckpt is not None:
     iter_num = ckpt["iter_num"]
     sampler = sampler_from_state(ckpt["sampler"])
     set_rng_state(ckpt["rng"], data_gen)
-train_model = torch.compile(model) if compile else model
-if ddp:
-    train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
+train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
+if compile:  # after DDP, as torch's docs advise, so that compile sees DDP's gradient buckets
+    if master:
+        print("compiling the training step: the first steps are slow")
+    train_model = torch.compile(train_model)
 log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -245,6 +247,18 @@ def log_variance():
     log({"iter": iter_num, "variance": res, "seconds": time.time() - start})
 
 
+@contextmanager
+def own_dropout_rng(k):
+    """With dropout: the forward of the step's global micro-batch k draws its dropout masks from the seed
+    (seed, iter_num, k) in a forked RNG, so ranks never share dropout masks and the t / mask streams do not
+    depend on how the batch is split. Without dropout nothing is drawn, and nothing is forked."""
+    with torch.random.fork_rng(devices=[] if device_type == "cpu" else [torch.device(device).index or 0],
+                               enabled=dropout > 0):
+        if dropout > 0:
+            torch.manual_seed(hash((seed, iter_num, k)))
+        yield
+
+
 def gather_rows(local):
     """The per-row values of the whole global batch, in row order, from each rank's contiguous share."""
     if not ddp:
@@ -290,7 +304,7 @@ def finish():
           f"bits/token{acc}")
 
 
-t_seen, w_seen, loss_sum, raw_sum, t0 = [], [], 0.0, 0.0, time.time()
+t_seen, w_seen, loss_sum, norm_sum, raw_sum, t0 = [], [], 0.0, 0.0, 0.0, time.time()
 start_iter = iter_num
 bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, disable=not master)
 while True:
@@ -328,11 +342,11 @@ while True:
     masks = draw_masks(eligible, t, mask_spec) if model_type == "mdm" else None
     parts = []  # this rank's row losses, micro-batch by micro-batch
     for micro in range(gradient_accumulation_steps):
-        start = (rank * gradient_accumulation_steps + micro) * micro_rows
-        mb = slice(start, start + micro_rows)
+        k = rank * gradient_accumulation_steps + micro  # this micro-batch's index in the global batch
+        mb = slice(k * micro_rows, (k + 1) * micro_rows)
         last = micro == gradient_accumulation_steps - 1
         with train_model.no_sync() if ddp and not last else nullcontext():  # all-reduce the gradient once
-            with ctx:
+            with ctx, own_dropout_rng(k):
                 part = row_losses(train_model, x0[mb], eligible[mb], t[mb], mask_spec,
                                   masks=None if masks is None else tuple(m[mb] for m in masks))
             scaler.scale((w[mb] * part).mean() / gradient_accumulation_steps).backward()
@@ -342,9 +356,8 @@ while True:
     if loss_cv is not None:  # the reported value changes, its gradient does not
         raw_sum += loss.item()
         loss = loss - loss_cv.correction(t, w, losses)
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # the norm before clipping
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -355,17 +368,19 @@ while True:
     iter_num += 1
     t_seen.append(t_cpu)
     w_seen.append(w_cpu)
-    loss_sum += loss.detach()  # a tensor: no host sync per step
+    loss_sum += loss.detach()  # tensors: no host sync per step
+    norm_sum += grad_norm
     if iter_num % log_interval == 0:
         t_all = torch.cat(t_seen)
-        record = {"iter": iter_num, "loss": loss_sum.item() / len(t_seen), "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
+        record = {"iter": iter_num, "loss": loss_sum.item() / len(t_seen), "grad_norm": norm_sum.item() / len(t_seen),
+                  "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
                   "t_hist": torch.histc(t_all, bins=10, min=0, max=1).int().tolist()}
         if loss_cv is not None:
             record["loss_raw"] = raw_sum / len(t_seen)  # the plain mean(w l); "loss" is the adjusted value
         if master:
             log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-        t_seen, w_seen, loss_sum, raw_sum = [], [], 0.0, 0.0
+        t_seen, w_seen, loss_sum, norm_sum, raw_sum = [], [], 0.0, 0.0, 0.0
     bar.update(1)
 bar.close()
 if ddp:
