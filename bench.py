@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 import variance
-from configurator import configure_globals, fail
+from configurator import configure_globals, fail, report_errors
 from data import task_from_config
 from masking import row_losses
 from model import ModelConfig, Transformer, device_and_dtype
 from sample import generate
 from samplers import PPOTSSampler, make_sampler, measure_curve
 
+report_errors()  # bad input: one `error:` line (configurator.py)
 # the run being priced: train.py's defaults
 task = "sort"
 num_digits = 8

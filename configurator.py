@@ -1,49 +1,73 @@
-"""nanoGPT-style configuration: `python script.py [config/file.py] --key=value ...`.
+"""nanoGPT-style configuration: `python script.py [config/file.py] --key=value ...`, and the one
+place where a script turns bad input into one `error:` line.
 
 Defaults are plain module-level globals (or a dict); a config file is Python that assigns some of
 them; `--key=value` overrides one. Values are parsed as Python literals and must keep the
-default's type (an int may stand for a float; None defaults accept anything). Bad input exits with
-one line naming the key.
+default's type (an int may stand for a float, a bool never stands for an int; None defaults accept
+anything). Bad input raises ValueError naming the key.
+
+The house rule for errors: library code raises ValueError with a clear message; a script calls
+report_errors() once, which turns an uncaught ValueError into one `error: ...` line on stderr and
+exit code 1, with no traceback. Any other exception keeps its traceback: that is a bug, not bad
+input. Importing a module never ends the interpreter.
 """
 import os
 import sys
 from ast import literal_eval
 
 
-def fail(msg):
-    """One clear error line on stderr and a non-zero exit: the house rule for bad input. Under torchrun
-    only rank 0 prints it (every rank exits)."""
-    raise SystemExit(f"error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)
+def report_errors():
+    """Install the script's error hook: an uncaught ValueError prints `error: <message>` (under
+    torchrun on rank 0 only) and the process exits with status 1; other exceptions are untouched."""
+    def hook(kind, exc, tb):
+        if issubclass(kind, ValueError):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {exc}", file=sys.stderr)
+            return
+        sys.__excepthook__(kind, exc, tb)
+    sys.excepthook = hook
 
 
 def _typed(key, value, default):
-    if default is None or isinstance(value, type(default)):
+    if default is None:
         return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) != isinstance(default, bool):
+        raise ValueError(f"--{key} expects {type(default).__name__}, got {value!r}")
+    if isinstance(value, type(default)):
+        return value
+    if isinstance(default, float) and isinstance(value, int):
         return float(value)
-    fail(f"--{key} expects {type(default).__name__}, got {value!r}")
+    raise ValueError(f"--{key} expects {type(default).__name__}, got {value!r}")
+
+
+def _read_config_file(path):
+    """The assignments of a Python config file, as a dict; one clear error for a missing or broken file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} not found")
+    scope = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), scope)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # a config file is Python: any error in it is the user's input
+        raise ValueError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in scope.items() if not k.startswith("_")}
 
 
 def configure(config, argv):
     """Apply config files and --key=value overrides from argv to the dict `config`, in place."""
     for arg in argv:
         if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                fail(f"config file {arg} not found")
-            scope = {}
-            exec(open(arg).read(), scope)
-            for key, value in scope.items():
-                if key.startswith("_") or key == "__builtins__":
-                    continue
+            for key, value in _read_config_file(arg).items():
                 if key not in config:
-                    fail(f"unknown config key {key!r} in {arg}")
+                    raise ValueError(f"unknown config key {key!r} in {arg}")
                 config[key] = _typed(key, value, config[key])
             continue
         key, eq, raw = arg[2:].partition("=")
         if key not in config:
-            fail(f"unknown flag --{key}")
+            raise ValueError(f"unknown flag --{key}")
         if not eq:
-            fail(f"flag --{key} needs a value: --{key}=...")
+            raise ValueError(f"flag --{key} needs a value: --{key}=...")
         try:
             value = literal_eval(raw)
         except (SyntaxError, ValueError):
@@ -59,3 +83,8 @@ def configure_globals(scope, argv=None):
     config = configure({k: scope[k] for k in keys}, sys.argv[1:] if argv is None else argv)
     scope.update(config)
     return config
+
+
+def fail(msg):
+    """Transitional: raise ValueError(msg). Being replaced by plain `raise ValueError` everywhere."""
+    raise ValueError(msg)

@@ -39,7 +39,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from configurator import configure, fail
+from configurator import configure, fail, report_errors
 
 # method name -> train.py flags; new rows (ISAD, SyRM, EMA, ...) are one more line here
 METHODS = {
@@ -207,4 +207,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_errors()
     main(sys.argv[1:])

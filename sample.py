@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from configurator import configure, fail
+from configurator import configure, fail, report_errors
 from data import task_from_config
 from masking import uniform_like
 from model import load_checkpoint
@@ -138,4 +138,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_errors()
     main(sys.argv[1:])

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import variance
-from configurator import configure_globals, fail
+from configurator import configure_globals, fail, report_errors
 from data import task_from_config
 from masking import MASKINGS, LossControlVariate, draw_masks, masking_from_config, row_losses
 from model import (ModelConfig, Transformer, device_and_dtype, load_checkpoint, rng_state, set_rng_state,
@@ -40,6 +40,7 @@ from model import (ModelConfig, Transformer, device_and_dtype, load_checkpoint, 
 from sample import accuracy, text_sample
 from samplers import build_ppots, make_sampler, sampler_from_state
 
+report_errors()  # bad input: one `error:` line (configurator.py)
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out"

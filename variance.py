@@ -26,7 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from configurator import configure
+from configurator import configure, report_errors
 from data import task_from_config
 from masking import MASKINGS, row_losses
 from model import load_checkpoint
@@ -270,4 +270,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_errors()
     main(sys.argv[1:])
