@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import variance
 from configurator import configure_globals, fail, report_errors
 from data import task_from_config
-from masking import row_losses
+from masking import MaskSpec, row_losses
 from model import ModelConfig, Transformer, device_and_dtype
 from sample import generate
 from samplers import PPOTSSampler, make_sampler, measure_curve
@@ -114,7 +114,7 @@ def train_step(masking, sampler):
         x0, eligible = (z[:rows].to(device) for z in data.batch(batch_size, "train", gen))
         t, w = (z.to(device) for z in sampler.sample(rows))
         with ctx:
-            loss = (w * row_losses(step_model, x0, eligible, t, masking)).mean()
+            loss = (w * row_losses(step_model, x0, eligible, t, MaskSpec(masking))).mean()
         update(loss)
     return step
 
@@ -122,8 +122,8 @@ def train_step(masking, sampler):
 def log_variance(sampler):
     """train.py's in-training variance logging at its defaults: loss and gradient A, B, C."""
     kw = dict(n_t=4, n_masks=2, generator=torch.Generator().manual_seed(seed), batch_size=batch_size, n_batches=16)
-    variance.measure(model, data, sampler, "standard", 16, target="loss", **kw)
-    variance.measure(model, data, sampler, "standard", 4, target="grad", **kw)
+    variance.measure(model, data, sampler, MaskSpec(), 16, target="loss", **kw)
+    variance.measure(model, data, sampler, MaskSpec(), 4, target="grad", **kw)
     model.train()
 
 
@@ -132,10 +132,10 @@ def main():
     print(f"bench: {device} ({str(ptdtype)[6:]}{', compiled' if compile else ''}), task={task}, {n_layer}x{n_embd} "
           f"({model.num_params() / 1e6:.2f}M parameters), batch {batch_size} x {data.seq_len} tokens, "
           f"{torch.get_num_threads()} CPU threads, median of {repeats} after {warmup} warm-up")
-    curve = measure_curve(model, data, "standard", generator=torch.Generator().manual_seed(seed))  # build_ppots's
+    curve = measure_curve(model, data, generator=torch.Generator().manual_seed(seed))  # build_ppots's
     ppots = PPOTSSampler(curve["t"], curve["m"].sqrt())
     measure_seconds, fit_seconds = timed({  # the one-offs: median of 3 after 1
-        "measure": lambda: measure_curve(model, data, "standard", generator=torch.Generator().manual_seed(seed)),
+        "measure": lambda: measure_curve(model, data, generator=torch.Generator().manual_seed(seed)),
         "fit": lambda: PPOTSSampler(curve["t"], curve["m"].sqrt())}, n=3, warm=1).values()
     floor, standard, mirror, pair, ppots_step = timed({
         "floor": floor_step, "standard": train_step("standard", uniform), "mirror": train_step("mirror", uniform),

@@ -122,21 +122,21 @@ def device_and_dtype(device="", dtype=""):
 
 
 def weight_ema(model, decay):
-    """Weight EMA (train.py's ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta after every
+    """Weight EMA (train.py's weight_ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta after every
     optimiser step, starting from a copy of the weights at the first update; torch's AveragedModel with
     get_ema_multi_avg_fn, so `.module` is the averaged Transformer and `.update_parameters(model)` the step.
     Averaging the last ~1/(1 - decay) iterates smooths the evaluated model, the standard tool against
     run-to-run variability of what is evaluated (MDLM: 0.9999, for ~1M steps; runs of ~1000 iters want ~0.99).
     decay = 0 tracks the weights exactly."""
     if not 0 <= decay < 1:
-        fail(f"ema_decay must be in [0, 1) (0 = off), got {decay}")
+        raise ValueError(f"weight_ema_decay must be in [0, 1) (0 = off), got {decay}")
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def load_checkpoint(path, device="cpu", raw=False):
     """(model in eval mode, checkpoint dict) from a train.py checkpoint; one clear error if unreadable.
     Checkpoints hold only plain types and tensors, so weights_only=True loading is safe.
-    A checkpoint trained with ema_decay > 0 gives its EMA weights (ckpt['ema']): that is the model train.py
+    A checkpoint trained with weight_ema_decay > 0 gives its EMA weights (ckpt['ema']): that is the model train.py
     evaluates, so sample.py and variance.py see it too. raw=True gives the trained weights (resume)."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} not found (train first: python train.py --out_dir=...)")

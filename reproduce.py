@@ -52,8 +52,8 @@ METHODS = {
     "P-POTS+MIRROR": "--t_sampler=ppots --masking=mirror",
     "ISAD": "--isad_tokens=default --isad_delta=0.2",
     "SyRM": "--syrm_alpha=0.9",
-    "EMA-CV": "--ema_bins=10 --ema_eta=0.01",  # the gradient is unchanged: must equal Standard run for run
-    "weight-EMA": "--ema_decay=0.99",
+    "EMA-CV": "--cv_bins=10 --cv_eta=0.01",  # the gradient is unchanged: must equal Standard run for run
+    "weight-EMA": "--weight_ema_decay=0.99",
     "ARM": "--model_type=arm",
 }
 BASELINE, OURS = "Standard", "P-POTS+MIRROR"  # the paper's "best baseline run below our worst run"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import fail
-from masking import draw_masks, row_losses
+from masking import MaskSpec, draw_masks, row_losses
 
 CELLS = 4096  # P-POTS tabulates p on 4096 equal cells of [0, 1]
 EPR_NAMES = ("a", "b", "A", "kappa", "r", "q", "m")
@@ -269,7 +269,7 @@ class PPOTSSampler(Sampler):
 
 
 @torch.no_grad()
-def measure_curve(model, task, masking="standard", T=70, n_x0=32, n_masks=4, generator=None, batch_rows=2048,
+def measure_curve(model, task, masking=MaskSpec(), T=70, n_x0=32, n_masks=4, generator=None, batch_rows=2048,
                   forward_rows=512):
     """Measure m(t_j) = E[l^2 | t_j] on t_j = linspace(1/T, 1 - 1/T, T - 1) with n_x0 training examples
     and n_masks masks each: (T - 1) n_x0 n_masks rows, in eval mode (the model's training flag is restored
@@ -306,7 +306,7 @@ def measure_curve(model, task, masking="standard", T=70, n_x0=32, n_masks=4, gen
     return dict(t=t_grid, m=(l ** 2).mean((1, 2)), g=l.mean((1, 2)), v=l.var(2).mean(1))
 
 
-def build_ppots(model, task, masking="standard", generator=None, T=70, n_x0=32, n_masks=4, **kw):
+def build_ppots(model, task, masking=MaskSpec(), generator=None, T=70, n_x0=32, n_masks=4, **kw):
     """Measure the curve (measure_curve) and return PPOTSSampler(t, √m, **kw)."""
     curve = measure_curve(model, task, masking, T, n_x0, n_masks, generator)
     return PPOTSSampler(curve["t"], curve["m"].sqrt(), **kw)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import reproduce
 import variance
 from data import get_task
-from masking import (LossControlVariate, Masking, arm_loss, draw_masks, isad_rates, mask_rate, masking_from_config, mdm_loss,
+from control_variate import LossControlVariate
+from masking import (MaskSpec, arm_loss, draw_masks, isad_rates, mask_rate, mask_spec_from_config, mdm_loss,
                      mirror_masks, pair_masks, random_mask, row_losses, syrm_loss)
 from model import ModelConfig, Transformer, load_checkpoint, weight_ema
 from sample import generate
@@ -464,9 +465,9 @@ def test_measure_curve(tiny_model, training):
                   measure_curve(model, task, generator=gen(1), batch_rows=7, **kw),  # chunking changes nothing
                   measure_curve(model, task, generator=gen(1), forward_rows=5, **kw)):
         assert all(torch.allclose(curve[k], other[k], rtol=1e-5) for k in curve)
-    pair = measure_curve(model, task, "pair", generator=gen(1), batch_rows=16, **kw)  # pair's draws depend on batch_rows
+    pair = measure_curve(model, task, MaskSpec("pair"), generator=gen(1), batch_rows=16, **kw)  # pair's draws depend on batch_rows
     for forward_rows in (3, 16):  # ... but not the forward passes
-        other = measure_curve(model, task, "pair", generator=gen(1), batch_rows=16, forward_rows=forward_rows, **kw)
+        other = measure_curve(model, task, MaskSpec("pair"), generator=gen(1), batch_rows=16, forward_rows=forward_rows, **kw)
         assert all(torch.allclose(pair[k], other[k], rtol=1e-5) for k in pair)
     # m = mean_x0(g_x^2 + v_x (n-1)/n) >= (mean_x0 g_x)^2 + mean_x0 v_x (n-1)/n: the x0 spread of g is in m
     assert (curve["m"] >= (curve["g"] ** 2 + curve["v"] * 2 / 3) * (1 - 1e-5)).all()
@@ -494,7 +495,7 @@ def test_describe_plot_and_bad_name(ppots, samplers, tmp_path):
     assert best <= ours < 1 and math.isclose(*samplers["ppots_none"].second_moments(), rel_tol=1e-4)
     ppots.plot(tmp_path / "ppots.png")
     assert (tmp_path / "ppots.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="nope"):
         make_sampler("nope")
 
 
@@ -549,7 +550,7 @@ def test_decompose_needs_two_of_each():
 @pytest.mark.parametrize("target", ["loss", "grad"])
 def test_arm_has_exactly_zero_A_and_B(target):
     task = get_task("sort", num_digits=4)
-    r = measure(tiny_net(causal=True), task, make_sampler("uniform"), "standard", 6, 3, 2, target=target,
+    r = measure(tiny_net(causal=True), task, make_sampler("uniform"), MaskSpec(), 6, 3, 2, target=target,
                 generator=torch.Generator().manual_seed(0), n_batches=4, n_proj=2)
     assert r["A"] == 0.0 and r["B"] == 0.0
     assert r["C"] > 0.0
@@ -560,7 +561,7 @@ def test_arm_batch_var_is_C_over_batch_size():
     task, model = get_task("sort", num_digits=4), tiny_net(causal=True)
     diff = []
     for seed in range(20):
-        r = measure(model, task, make_sampler("uniform"), "standard", 32, 2, 2, batch_size=8, n_batches=32,
+        r = measure(model, task, make_sampler("uniform"), MaskSpec(), 32, 2, 2, batch_size=8, n_batches=32,
                     generator=torch.Generator().manual_seed(seed))
         diff.append(8 * r["batch_var"] - r["C"])
     ok, z = within_se(diff, 0.0)
@@ -571,7 +572,7 @@ def test_arm_batch_var_is_C_over_batch_size():
 def test_fixed_generator_is_deterministic(target):
     task, model = get_task("sort", num_digits=4), tiny_net(dropout=0.5)  # eval mode must switch it off
     model.train()
-    run = lambda seed: measure(model, task, make_sampler("uniform"), "mirror", 4, 3, 2, target=target, n_batches=4,
+    run = lambda seed: measure(model, task, make_sampler("uniform"), MaskSpec("mirror"), 4, 3, 2, target=target, n_batches=4,
                                n_proj=2, max_rows=10, generator=torch.Generator().manual_seed(seed))
     first = run(0)
     assert run(0) == first
@@ -587,7 +588,7 @@ def test_pair_halves_A_and_mirror_does_better():
     task, model = get_task("sort", num_digits=4), tiny_net()
     half, gain = [], []
     for seed in range(12):
-        A = {m: measure(model, task, make_sampler("clipped", lo=0.2, hi=0.8), m, 8, 4, 4, n_batches=2,
+        A = {m: measure(model, task, make_sampler("clipped", lo=0.2, hi=0.8), MaskSpec(m), 8, 4, 4, n_batches=2,
                         generator=torch.Generator().manual_seed(seed))["A"]
              for m in ("standard", "pair", "mirror")}
         half.append(A["pair"] - A["standard"] / 2)
@@ -615,13 +616,13 @@ def test_grad_projections_match_autograd():
     t, w = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([1.0, 2.0, 0.5])
     dirs = variance._directions(model, 2)
     assert all(sum(v.square().sum() for v in u.values()).item() == pytest.approx(1.0) for u in dirs)
-    proj = variance._draws(model, x0, eligible, t, w, "mirror", 7, 2, dirs)
-    loss = variance._draws(model, x0, eligible, t, w, "mirror", 7, 2)
+    proj = variance._draws(model, x0, eligible, t, w, MaskSpec("mirror"), 7, 2, dirs)
+    loss = variance._draws(model, x0, eligible, t, w, MaskSpec("mirror"), 7, 2)
     params = dict(model.named_parameters())
     for r in range(3):
         gen = torch.Generator().manual_seed(7 + r // 2)  # chunks of max_rows = 2 rows
         rows = slice(2 * (r // 2), 2 * (r // 2) + 2)
-        l = row_losses(model, x0[rows], eligible[rows], t[rows], "mirror", gen) * w[rows]
+        l = row_losses(model, x0[rows], eligible[rows], t[rows], MaskSpec("mirror"), gen) * w[rows]
         assert l[r % 2].item() == pytest.approx(loss[r].item(), rel=1e-5)
         grads = torch.autograd.grad(l[r % 2], list(params.values()))
         for k, u in enumerate(dirs):
@@ -694,7 +695,7 @@ def test_isad_loss_is_unbiased_for_the_standard_loss(mode, t):
     ce = ce_of(logits, x0)
     exact = (ce * eligible).sum(1) / eligible.sum(1)
     N = 20000
-    spec = Masking(mode, isad=S, isad_delta=0.2)
+    spec = MaskSpec(mode, isad=S, isad_delta=0.2)
     L = row_losses(Frozen(logits), x0.repeat(N, 1), eligible.repeat(N, 1), torch.full((N * MB,), t), spec, gen(3))
     mc_check(L.view(N, MB), exact.double())
 
@@ -712,10 +713,10 @@ def test_syrm_with_alpha_1_is_the_standard_loss_exactly():
     task = get_task("sort", num_digits=4)
     x0, eligible = task.batch(MB, "train", gen(5))
     t = torch.rand(MB, generator=gen(6))
-    off = masking_from_config({"masking": "mirror", "syrm_alpha": 1.0}, task)
-    assert off.syntax is None and off == "mirror"
+    off = mask_spec_from_config({"masking": "mirror", "isad_tokens": "none", "isad_delta": 0.2, "syrm_alpha": 1.0}, task)
+    assert off.syntax is None and off.mode == "mirror" and str(off) == "mirror"
     same = lambda m: row_losses(model, x0, eligible, t, m, gen(7))
-    assert torch.equal(same(off), same("mirror"))
+    assert torch.equal(same(off), same(MaskSpec("mirror")))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.7])
@@ -725,7 +726,7 @@ def test_syrm_loss_is_alpha_mix_of_response_and_syntax_means(alpha):
     ce = ce_of(logits, x0)
     exact = alpha * (ce * eligible).sum(1) / eligible.sum(1) + (1 - alpha) * ce[:, 1]
     N = 20000
-    spec = Masking("standard", syntax=SYNTAX, syrm_alpha=alpha)
+    spec = MaskSpec("standard", syntax=SYNTAX, syrm_alpha=alpha)
     L = row_losses(Frozen(logits), x0.repeat(N, 1), eligible.repeat(N, 1), torch.full((N * MB,), 0.3), spec, gen(8))
     mc_check(L.view(N, MB), exact.double())
 
@@ -741,7 +742,7 @@ def test_task_sets_of_isad_and_syrm():
         assert syntax.nonzero().flatten().tolist() == where and not (syntax & eligible).any()
         assert (x0[:, syntax] >= 10).all() and (x0[:, :task.prompt_len][:, ~syntax[:task.prompt_len]] < 10).all()
         assert not (task.isad_positions() & ~eligible[0]).any()
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="bogus"):
         sort.isad_positions("bogus")
 
 
@@ -749,13 +750,13 @@ def test_masking_options_reach_variance_measure_and_log_as_json():
     task = get_task("sort", num_digits=4)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
-    spec = masking_from_config({"masking": "mirror", "isad_tokens": "default", "syrm_alpha": 0.8}, task)
+    spec = mask_spec_from_config({"masking": "mirror", "isad_tokens": "default", "isad_delta": 0.2, "syrm_alpha": 0.8}, task)
     run = lambda m: measure(model, task, make_sampler("uniform"), m, 4, 2, 2, generator=gen(0), n_batches=2)
-    with_options, plain = run(spec), run("mirror")
-    assert json.loads(json.dumps(with_options))["masking"] == "mirror"
+    with_options, plain = run(spec), run(MaskSpec("mirror"))
+    assert json.loads(json.dumps(with_options))["masking"] == "mirror+isad+syrm"
     assert with_options["A"] != plain["A"]
-    with pytest.raises(SystemExit):
-        Masking("standard", isad_delta=0.0)
+    with pytest.raises(ValueError, match="isad_delta"):
+        MaskSpec("standard", isad_delta=0.0)
 
 
 # ----------------------------------------------------------------------------- EMA control variate
@@ -804,7 +805,7 @@ def test_control_variate_leaves_the_gradient_bit_identical():
     grads = []
     for adjust in (False, True):
         model.zero_grad()
-        losses = row_losses(model, x0, eligible, t, "standard", gen(3))
+        losses = row_losses(model, x0, eligible, t, MaskSpec(), gen(3))
         loss = (w * losses).mean()
         if adjust:
             correction = cv.correction(t, w, losses)
@@ -823,7 +824,7 @@ def test_control_variate_state_round_trip():
     other = LossControlVariate(3, 0.5)
     other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     assert torch.equal(stream(cv, make_sampler("uniform"), 20, 1)[1], stream(other, make_sampler("uniform"), 20, 1)[1])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="cv_bins"):
         LossControlVariate(0, 0.05)
 
 
@@ -844,7 +845,7 @@ def test_weight_ema_with_decay_0_is_the_weights_and_otherwise_the_average():
         if step:  # the first update copies the weights; then theta_ema <- (theta_ema + theta) / 2
             assert all(torch.allclose(e, (b + p) / 2) for e, b, p in
                        zip(ema_half.module.parameters(), before, model.parameters()))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="weight_ema_decay"):
         weight_ema(model, 1.0)
 
 
@@ -853,8 +854,8 @@ def test_resume_with_every_method_on_is_bit_exact_for_losses_ema_weights_and_con
     resume to 8. Same logged losses (adjusted and raw), same final EMA weights and control-variate state."""
     common = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=32", "--num_digits=4", "--eval_problems=32",
               "--eval_iters=1", "--variance_interval=0", "--warmup_iters=2", "--log_interval=1", "--eval_interval=4",
-              "--masking=mirror", "--isad_tokens=default", "--syrm_alpha=0.9", "--ema_bins=4", "--ema_eta=0.2",
-              "--ema_decay=0.9", "--lr_decay_iters=8"]
+              "--masking=mirror", "--isad_tokens=default", "--syrm_alpha=0.9", "--cv_bins=4", "--cv_eta=0.2",
+              "--weight_ema_decay=0.9", "--lr_decay_iters=8"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *a], capture_output=True,
                                       text=True, cwd=HERE, timeout=300)
@@ -956,8 +957,8 @@ def test_masks_drawn_for_the_batch_then_sliced_give_the_rows_of_one_call(tiny_mo
     """What DDP and gradient accumulation rely on: a micro-batch given its rows of the batch's masks computes
     exactly the losses that one call on the whole batch computes for those rows."""
     model, task = tiny_model
-    masking = (Masking("mirror", isad=task.isad_positions(), syntax=task.syntax_positions(), syrm_alpha=0.8)
-               if mode == "isad+syrm" else mode)
+    masking = (MaskSpec("mirror", isad=task.isad_positions(), syntax=task.syntax_positions(), syrm_alpha=0.8)
+               if mode == "isad+syrm" else MaskSpec(mode))
     x0, eligible = task.batch(12, "train", gen(0))
     t = torch.rand(12, generator=gen(1))
     with torch.no_grad():
@@ -1021,7 +1022,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch_and_resume_in_one
     ranks sharing one RNG stream would not. The 2-process checkpoint resumes in 1 process."""
     common = [*TINY, "--max_iters=4", "--eval_interval=4", "--log_interval=1", "--lr_decay_iters=8",
               "--warmup_iters=0", "--learning_rate=1e-2"]
-    runs = {"stratified": (["--masking=mirror", "--t_sampler=stratified", "--ema_bins=4"], 1),
+    runs = {"stratified": (["--masking=mirror", "--t_sampler=stratified", "--cv_bins=4"], 1),
             "ppots": (["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2"], 1),
             "dropout": (["--dropout=0.1"], 4)}
     for name, (flags, accumulation) in runs.items():

@@ -3,7 +3,7 @@
     python train.py                                   # sort 8 digits: ~80 s on 2 CPU cores
     python train.py config/some_preset.py --key=value # any global below can be overridden
     python train.py --t_sampler=ppots --masking=mirror
-    python train.py --isad_tokens=default --syrm_alpha=0.9 --ema_bins=10 --ema_decay=0.99
+    python train.py --isad_tokens=default --syrm_alpha=0.9 --cv_bins=10 --weight_ema_decay=0.99
     python train.py --init_from=resume --out_dir=out  # continue; the checkpoint's config is the base
     torchrun --standalone --nproc_per_node=2 train.py  # DDP: the same run (same global batch) on 2 processes
 
@@ -34,7 +34,8 @@ from tqdm import tqdm
 import variance
 from configurator import configure_globals, fail, report_errors
 from data import task_from_config
-from masking import MASKINGS, LossControlVariate, draw_masks, masking_from_config, row_losses
+from control_variate import LossControlVariate
+from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
 from model import (ModelConfig, Transformer, device_and_dtype, load_checkpoint, rng_state, set_rng_state,
                    weight_ema)
 from sample import accuracy, text_sample
@@ -79,9 +80,9 @@ ppots_fit = "epr"  # epr (7-parameter family, fitted by KL) | none (the measured
 isad_tokens = "none"  # ISAD: none | default (the task's hardest tokens, data.py) | first (first response token)
 isad_delta = 0.2  # ISAD: the critical tokens are masked with q = min(1, p + isad_delta), weighted 1/q
 syrm_alpha = 1.0  # SyRM: 1 = off; < 1 also masks the prompt's syntax, loss a L_resp + (1 - a) L_syntax
-ema_bins = 0  # EMA control variate on the reported loss (gradient unchanged): 0 = off, else m bins of t
-ema_eta = 0.01  # its EMA rate (the paper's code: 0.001 .. 0.1)
-ema_decay = 0.0  # weight EMA, the model evaluated and saved as 'ema': 0 = off (MDLM: 0.9999; 1000 iters: 0.99)
+cv_bins = 0  # the paper's EMA control variate on the reported loss (gradient unchanged): 0 = off, else bins of t
+cv_eta = 0.01  # its EMA rate (the paper's code: 0.001 .. 0.1)
+weight_ema_decay = 0.0  # weight averaging, evaluated and saved as 'ema': 0 = off (MDLM: 0.9999; 1000 iters: 0.99)
 # variance logging (variance.py): A, B, C of the loss and of the gradient
 variance_interval = 200  # 0 = off
 variance_n_x0 = 16
@@ -115,8 +116,8 @@ if init_from == "resume":
     config = configure_globals(globals())  # the command line still wins
 elif init_from != "scratch":
     fail(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
-if masking not in MASKINGS:
-    fail(f"unknown --masking={masking}; choose from {MASKINGS}")
+if masking not in MODES:
+    fail(f"unknown --masking={masking}; choose from {MODES}")
 if model_type not in ("mdm", "arm"):
     fail(f"unknown --model_type={model_type}; use mdm or arm")
 if model_type == "arm" and (isad_tokens != "none" or syrm_alpha != 1):
@@ -144,7 +145,7 @@ data_gen = torch.Generator().manual_seed(seed + 1_000_003)
 random.seed(seed)  # python and numpy draw nothing here; seeded (and checkpointed) for forks that do
 np.random.seed(seed)
 data = task_from_config(config)
-mask_spec = masking_from_config(config, data)  # the masking mode with its ISAD / SyRM options
+mask_spec = mask_spec_from_config(config, data)  # the masking mode with its ISAD / SyRM options
 if ckpt is None:
     model = Transformer(ModelConfig(vocab_size=data.vocab_size, mask_id=data.mask_id, block_size=data.seq_len,
                                     n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
@@ -155,9 +156,9 @@ if master:
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 sampler = make_sampler("uniform" if t_sampler == "ppots" else t_sampler)
-ema = weight_ema(model, ema_decay) if ema_decay else None
+ema = weight_ema(model, weight_ema_decay) if weight_ema_decay else None
 eval_model = model if ema is None else ema.module  # what estimate_val, accuracy and the checkpoint's users see
-loss_cv = LossControlVariate(ema_bins, ema_eta) if ema_bins else None
+loss_cv = LossControlVariate(cv_bins, cv_eta) if cv_bins else None
 iter_num = 0
 if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -201,7 +202,7 @@ def estimate_val():
     """Val negative ELBO in nats per maskable token (a char for task=text): a fixed stratified t-grid (midpoints of
     batch_size strata), fixed data and masks (own generators), so the same weights give the same
     number, directly comparable with an ARM's val loss: its next-token cross-entropy per response token. Always the
-    standard MDM objective, whatever ISAD/SyRM train on; with ema_decay > 0, of the EMA weights."""
+    standard MDM objective, whatever ISAD/SyRM train on; with weight_ema_decay > 0, of the EMA weights."""
     eval_model.eval()
     g = torch.Generator().manual_seed(1234)
     t = ((torch.arange(batch_size) + 0.5) / batch_size).to(device)
@@ -209,7 +210,7 @@ def estimate_val():
     for _ in range(eval_iters):
         x0, eligible = (z.to(device) for z in data.batch(batch_size, "val", g))
         with ctx:
-            total += row_losses(eval_model, x0, eligible, t, "standard", g).mean().item()
+            total += row_losses(eval_model, x0, eligible, t, MaskSpec(), g).mean().item()
     model.train()
     return total / eval_iters
 

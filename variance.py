@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from configurator import configure, report_errors
 from data import task_from_config
-from masking import MASKINGS, row_losses
+from masking import MODES, MaskSpec, row_losses
 from model import load_checkpoint
 
 PROJ_SEED = 0  # the random projection directions of target='grad' are the same in every call
@@ -137,7 +137,7 @@ def _directions(model, n_proj):
 
 
 @torch.no_grad()
-def measure(model, task, sampler, masking="standard", n_x0=32, n_t=8, n_masks=4, target="loss",
+def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4, target="loss",
             generator=None, batch_size=None, n_batches=32, n_proj=8, max_rows=1024):
     """A, B, C of the training draw l * w (target='loss') or of its gradient (target='grad').
 
@@ -181,7 +181,7 @@ def measure(model, task, sampler, masking="standard", n_x0=32, n_t=8, n_masks=4,
                                           n_batches, generator, max_rows)
     finally:
         model.train(was_training)
-    res.update(target=target, masking=masking, n_x0=n_x0, n_t=n_t, n_masks=n_masks)
+    res.update(target=target, masking=str(masking), n_x0=n_x0, n_t=n_t, n_masks=n_masks)
     return res
 
 
@@ -238,13 +238,13 @@ def main(argv):
         row("ARM", "-", measure(model, task, None, generator=gen(), batch_size=rows("standard"), **kw))
         return
     res, curves = {}, {}
-    for s, m in tqdm([(s, m) for m in MASKINGS for s in ("uniform", "stratified", "ppots")], desc="variance"):
+    for s, m in tqdm([(s, m) for m in MODES for s in ("uniform", "stratified", "ppots")], desc="variance"):
         if s == "ppots":  # fitted once per masking, on the same weights
-            curves[m] = samplers.measure_curve(model, task, masking=m, generator=gen())
+            curves[m] = samplers.measure_curve(model, task, MaskSpec(m), generator=gen())
             sampler = samplers.PPOTSSampler(curves[m]["t"], curves[m]["m"].sqrt())  # = build_ppots, curve kept
         else:
             sampler = samplers.make_sampler(s)
-        res[s, m] = measure(model, task, sampler, m, generator=gen(), batch_size=rows(m), **kw)
+        res[s, m] = measure(model, task, sampler, MaskSpec(m), generator=gen(), batch_size=rows(m), **kw)
     for (s, m), r in res.items():
         row(s, m, r)
     for s in ("uniform", "stratified", "ppots"):
