@@ -76,6 +76,25 @@ def configure(config, argv):
     return config
 
 
+def check_ranges(config, ranges):
+    """ValueError naming the first key outside its closed range: ranges maps key -> (lo, hi), with
+    None for an unbounded side."""
+    for key, (lo, hi) in ranges.items():
+        value = config[key]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"--{key}={value!r} is out of range: it must be {bound}")
+
+
+def given_keys(argv):
+    """The keys that argv sets (config files and --key=value flags), e.g. to tell on resume which
+    values the user asked for and which come from the checkpoint."""
+    keys = set()
+    for arg in argv:
+        keys |= {arg[2:].partition("=")[0]} if arg.startswith("--") else set(_read_config_file(arg))
+    return keys
+
+
 def configure_globals(scope, argv=None):
     """nanoGPT's pattern: override the caller's module globals that hold plain config values."""
     keys = [k for k, v in scope.items()

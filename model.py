@@ -1,18 +1,14 @@
 """A small transformer denoiser (nanoGPT layout) with bidirectional attention for the MDM,
 and causal attention for the autoregressive (ARM) baseline -- the same class, one flag."""
 import math
-import os
-import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from configurator import fail
 
 
 @dataclass
@@ -105,18 +101,39 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
+def check_device(device):
+    """ValueError unless `device` ('' = auto) names a device this machine has: cpu, cuda[:N], mps."""
+    if not device or device == "cpu":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU (or this torch "
+                         f"{torch.__version__} has no CUDA support): use --device=cpu")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but Apple's MPS backend is not available here")
+    if kind not in ("cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported here; use cpu, cuda, cuda:N or mps")
+
+
 def device_and_dtype(device="", dtype=""):
-    """(device, device type, torch dtype, autocast context) for train.py and bench.py. '' = auto: cuda > mps > cpu;
-    bfloat16 autocast on GPUs that run it natively (compute capability >= 8), float16 on older ones such as
-    Colab's T4 (the caller adds a GradScaler), float32 elsewhere. Whatever the autocast dtype, mdm_loss applies
-    the 1/p and 1/p(t) weights in float32: p goes down to 1e-3, and bfloat16 keeps only 8 significant bits."""
+    """(device, device type, torch dtype, autocast context) for train.py and bench.py. '' = auto:
+    cuda > mps > cpu; bfloat16 autocast on GPUs that run it natively (compute capability >= 8),
+    float16 on older ones such as Colab's T4 (the caller adds a GradScaler), float32 elsewhere.
+    Whatever the autocast dtype, mdm_loss applies the 1/p and 1/p(t) weights in float32: p goes
+    down to 1e-3, and bfloat16 keeps only 8 significant bits."""
+    check_device(device)
+    if dtype not in ("", "float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown --dtype={dtype}; use float32, bfloat16 or float16")
     device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     device_type = "cuda" if "cuda" in device else device
     if not dtype:
         native_bf16 = device_type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         dtype = "float32" if device_type != "cuda" else "bfloat16" if native_bf16 else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"unknown --dtype={dtype}; use float32, bfloat16 or float16")
     ptdtype = getattr(torch, dtype)
     return device, device_type, ptdtype, nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
 
@@ -131,40 +148,3 @@ def weight_ema(model, decay):
     if not 0 <= decay < 1:
         raise ValueError(f"weight_ema_decay must be in [0, 1) (0 = off), got {decay}")
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-
-
-def load_checkpoint(path, device="cpu", raw=False):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint; one clear error if unreadable.
-    Checkpoints hold only plain types and tensors, so weights_only=True loading is safe.
-    A checkpoint trained with weight_ema_decay > 0 gives its EMA weights (ckpt['ema']): that is the model train.py
-    evaluates, so sample.py and variance.py see it too. raw=True gives the trained weights (resume)."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} not found (train first: python train.py --out_dir=...)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = Transformer(ModelConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["ema"] if "ema" in ckpt and not raw else ckpt["model"])
-    except Exception as e:  # truncated file, wrong format, mismatched weights: all one message
-        fail(f"checkpoint {path} is corrupt or not a train.py checkpoint ({type(e).__name__})")
-    return model.to(device).eval(), ckpt
-
-
-def rng_state(data_gen):
-    """Every random stream of a training run, for its checkpoint: torch (t, masks, init), CUDA, the x0 stream's
-    own generator, python and numpy; plain types and tensors only, so weights_only loading works."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
-             "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state, data_gen):
-    """Undo rng_state: a resumed run draws exactly the numbers the uninterrupted run would have drawn."""
-    torch.set_rng_state(state["torch"])
-    data_gen.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32), *state["numpy"][1:]))
-    random.setstate(state["python"])

@@ -22,7 +22,7 @@ import torch
 from configurator import configure, fail, report_errors
 from data import task_from_config
 from masking import uniform_like
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def _commit_counts(n_tokens, steps):

@@ -3,24 +3,29 @@
     python train.py                                   # sort 8 digits: ~80 s on 2 CPU cores
     python train.py config/some_preset.py --key=value # any global below can be overridden
     python train.py --t_sampler=ppots --masking=mirror
-    python train.py --isad_tokens=default --syrm_alpha=0.9 --cv_bins=10 --weight_ema_decay=0.99
     python train.py --init_from=resume --out_dir=out  # continue; the checkpoint's config is the base
     torchrun --standalone --nproc_per_node=2 train.py  # DDP: the same run (same global batch) on 2 processes
 
-One step (see DESIGN.md): x0 ~ task, (t, w) ~ sampler, masks ~ masking mode,
-loss = mean_rows(w * l), l = mdm_loss (the pair mean for mirror/pair) -> backward -> AdamW.
+One step: x0 ~ task, (t, w) ~ sampler, masks ~ MaskSpec, loss = mean_rows(w * l) with
+l = masking.row_losses (the mean of the two views for mirror/pair) -> backward -> AdamW.
 
-batch_size is the GLOBAL batch. Every rank draws the step's whole batch (x0, t, w, masks) from the same
-seeded streams and trains on its own rows of it, split again into gradient_accumulation_steps micro-batches;
-DDP averages the gradients. So 1 process, N processes, or N accumulation steps run the same estimator on the
-same numbers (up to float rounding; with dropout, for the same micro-batches): a StraTS batch is stratified
-across ranks, and a resumed checkpoint does not care how many processes wrote it. Only rank 0 evaluates,
+The global batch (the one statement of the argument). batch_size is the GLOBAL batch. Every rank
+draws the step's whole batch (x0, t, w, masks) from the same seeded streams and trains on its own
+rows of it, split again into gradient_accumulation_steps micro-batches; DDP averages the
+gradients. So 1 process, N processes or N accumulation steps run the same estimator on the same
+numbers (up to float rounding; with dropout, for the same micro-batches): a StraTS batch is
+stratified across ranks, and a checkpoint resumes under any world size. Only rank 0 evaluates,
 logs, saves, measures variance and fits P-POTS (whose fitted state it broadcasts).
+
+Bad input: the whole configuration is checked before anything in out_dir is touched; a non-finite
+loss or gradient norm stops the run with one line naming the iteration, before the update; what
+resume accepts and what the run directory guarantees is in checkpoint.py.
 """
 import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -32,14 +37,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import variance
-from configurator import configure_globals, fail, report_errors
-from data import task_from_config
+from checkpoint import (append_log, load_checkpoint, lock_out_dir, resumed_config, rng_state,
+                        save_checkpoint, set_rng_state, start_log)
+from configurator import check_ranges, configure_globals, given_keys, report_errors
 from control_variate import LossControlVariate
+from data import task_from_config
 from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
-from model import (ModelConfig, Transformer, device_and_dtype, load_checkpoint, rng_state, set_rng_state,
-                   weight_ema)
+from model import ModelConfig, Transformer, device_and_dtype, weight_ema
 from sample import accuracy, text_sample
-from samplers import build_ppots, make_sampler, sampler_from_state
+from samplers import SAMPLERS, build_ppots, make_sampler, sampler_from_state
 
 report_errors()  # bad input: one `error:` line (configurator.py)
 # -----------------------------------------------------------------------------
@@ -49,7 +55,7 @@ eval_interval = 200
 eval_iters = 4  # val batches for the ELBO
 eval_problems = 512  # held-out prompts for exact-match accuracy (synthetic tasks)
 log_interval = 10
-init_from = "scratch"  # 'scratch' or 'resume'
+init_from = "scratch"  # 'scratch' or 'resume' (the checkpoint's config is the base; see checkpoint.py)
 seed = 1337
 # data
 task = "sort"  # sort | add | text
@@ -76,7 +82,8 @@ ppots_fit_iter = 100  # P-POTS: uniform t until this iter, then measure + fit on
 ppots_refit_every = 0  # 0 = fit once (the paper); N = refit every N iters
 ppots_online = False  # refit from the training losses already computed (no extra forwards)
 ppots_fit = "epr"  # epr (7-parameter family, fitted by KL) | none (the measured curve, piecewise linear)
-# supplementary methods (masking.py, model.py); all off by default
+ppots_support = "full"  # full: t on [0, 1] (unbiased) | grid: only the measured range (the released code; biased)
+# supplementary methods (masking.py, control_variate.py, model.py); all off by default
 isad_tokens = "none"  # ISAD: none | default (the task's hardest tokens, data.py) | first (first response token)
 isad_delta = 0.2  # ISAD: the critical tokens are masked with q = min(1, p + isad_delta), weighted 1/q
 syrm_alpha = 1.0  # SyRM: 1 = off; < 1 also masks the prompt's syntax, loss a L_resp + (1 - a) L_syntax
@@ -112,31 +119,56 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = None
 if init_from == "resume":
     model, ckpt = load_checkpoint(ckpt_path, raw=True)
-    globals().update({k: v for k, v in ckpt["config"].items() if k in config})
-    config = configure_globals(globals())  # the command line still wins
+    config = resumed_config(config, ckpt, given_keys(sys.argv[1:]))
+    globals().update(config)
+    if max_iters <= ckpt["iter_num"]:
+        raise ValueError(f"the checkpoint is at iteration {ckpt['iter_num']}: --max_iters={max_iters} leaves "
+                         f"nothing to train (raise it to continue)")
 elif init_from != "scratch":
-    fail(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
-if masking not in MODES:
-    fail(f"unknown --masking={masking}; choose from {MODES}")
-if model_type not in ("mdm", "arm"):
-    fail(f"unknown --model_type={model_type}; use mdm or arm")
-if model_type == "arm" and (isad_tokens != "none" or syrm_alpha != 1):
-    fail("ISAD and SyRM change how tokens are masked, and an ARM masks nothing: use them with --model_type=mdm")
-rows = batch_size // 2 if masking in ("mirror", "pair") and matched_compute else batch_size  # clean rows
-if gradient_accumulation_steps < 1 or rows % (world_size * gradient_accumulation_steps):
-    fail(f"{rows} clean rows per step do not split into {world_size} processes x {gradient_accumulation_steps} "
-         f"accumulation steps: choose batch_size and gradient_accumulation_steps so they do")
+    raise ValueError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
+# -------------------------------------------------------------------- every check before out_dir is touched
+check_ranges(config, {
+    "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_iters": (0, None),
+    "eval_interval": (1, None), "eval_iters": (1, None), "eval_problems": (1, None), "log_interval": (1, None),
+    "num_digits": (1, None), "n_layer": (1, None), "n_head": (1, None), "n_embd": (1, None),
+    "dropout": (0.0, 0.99), "warmup_iters": (0, None), "lr_decay_iters": (0, None), "min_lr": (0.0, None),
+    "weight_decay": (0.0, None), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999), "grad_clip": (0.0, None),
+    "ppots_fit_iter": (0, None), "ppots_refit_every": (0, None), "cv_bins": (0, None),
+    "variance_interval": (0, None), "variance_n_x0": (2, None), "variance_n_t": (2, None),
+    "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None), "sample_length": (0, None),
+    "sample_block_length": (1, None)})
+for key, allowed in (("model_type", ("mdm", "arm")), ("t_sampler", tuple(SAMPLERS)), ("masking", MODES),
+                     ("ppots_fit", ("epr", "none")), ("ppots_support", ("full", "grid")),
+                     ("isad_tokens", ("none", "default", "first"))):
+    if config[key] not in allowed:
+        raise ValueError(f"unknown --{key}={config[key]}; choose from {', '.join(allowed)}")
+if not learning_rate > 0 or min_lr > learning_rate:
+    raise ValueError(f"need 0 < min_lr <= learning_rate, got learning_rate={learning_rate}, min_lr={min_lr}")
+if n_embd % n_head:
+    raise ValueError(f"--n_head={n_head} does not divide --n_embd={n_embd}")
+if model_type == "arm" and (masking != "standard" or t_sampler != "uniform" or isad_tokens != "none"
+                            or syrm_alpha != 1):
+    raise ValueError("an ARM has no masking rate and masks nothing: use --masking, --t_sampler, ISAD and SyRM "
+                     "with --model_type=mdm")
+if ppots_online and not (t_sampler == "ppots" and ppots_refit_every):
+    raise ValueError("--ppots_online=True refits from training losses: it needs --t_sampler=ppots and "
+                     "--ppots_refit_every > 0")
+two_views = masking in ("mirror", "pair")
+if two_views and matched_compute and batch_size % 2:
+    raise ValueError(f"--masking={masking} with matched_compute runs batch_size/2 clean rows, each twice: "
+                     f"--batch_size={batch_size} must be even")
+rows = batch_size // 2 if two_views and matched_compute else batch_size  # clean rows per step
+if rows % (world_size * gradient_accumulation_steps):
+    raise ValueError(f"{rows} clean rows per step do not split into {world_size} processes x "
+                     f"{gradient_accumulation_steps} accumulation steps: choose batch_size and "
+                     f"gradient_accumulation_steps so they do")
 micro_rows = rows // (world_size * gradient_accumulation_steps)
 if ddp and (device.startswith("cuda") or not device and torch.cuda.is_available()):
     device = f"cuda:{local_rank}"  # one GPU per process, chosen before anything touches CUDA
     torch.cuda.set_device(device)
 device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
-if ddp:
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-lr_decay_iters = lr_decay_iters or max_iters
+decay_iters = lr_decay_iters or max_iters  # the config keeps 0, so a resumed run with more iters decays to them
 config = {k: globals()[k] for k in config}
-if master:
-    print("config:", json.dumps(config))
 
 torch.manual_seed(seed)  # init, t and masks: the same seed on every rank, which trains on its own rows
 # the x0 stream has its own generator (offset from the global one), so methods with the same rows per
@@ -144,15 +176,13 @@ torch.manual_seed(seed)  # init, t and masks: the same seed on every rank, which
 data_gen = torch.Generator().manual_seed(seed + 1_000_003)
 random.seed(seed)  # python and numpy draw nothing here; seeded (and checkpointed) for forks that do
 np.random.seed(seed)
-data = task_from_config(config)
-mask_spec = mask_spec_from_config(config, data)  # the masking mode with its ISAD / SyRM options
+dataset = task_from_config(config)
+mask_spec = mask_spec_from_config(config, dataset)  # the masking mode with its ISAD / SyRM options
 if ckpt is None:
-    model = Transformer(ModelConfig(vocab_size=data.vocab_size, mask_id=data.mask_id, block_size=data.seq_len,
-                                    n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
-                                    bias=bias, causal=model_type == "arm"))
+    model = Transformer(ModelConfig(vocab_size=dataset.vocab_size, mask_id=dataset.mask_id,
+                                    block_size=dataset.seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                    dropout=dropout, bias=bias, causal=model_type == "arm"))
 model.to(device).train()
-if master:
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {'causal (ARM)' if model.config.causal else 'bidirectional (MDM)'}")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 sampler = make_sampler("uniform" if t_sampler == "ppots" else t_sampler)
@@ -162,6 +192,8 @@ loss_cv = LossControlVariate(cv_bins, cv_eta) if cv_bins else None
 iter_num = 0
 if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved state carries the old hyperparameters: use this run's
+        group.update(betas=(beta1, beta2), weight_decay=weight_decay if group["weight_decay"] else 0.0)
     if ema is not None and "ema" in ckpt:
         ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.copy_(ckpt["ema_n"])
@@ -170,30 +202,34 @@ if ckpt is not None:
     iter_num = ckpt["iter_num"]
     sampler = sampler_from_state(ckpt["sampler"])
     set_rng_state(ckpt["rng"], data_gen)
+# -------------------------------------------------------------------- the input is good: now out_dir
+log_path = os.path.join(out_dir, "log.jsonl")
+if master:
+    lock = lock_out_dir(out_dir)  # held until the process ends
+    start_log(log_path, None if ckpt is None else iter_num)
+    print("config:", json.dumps(config))
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, "
+          f"{'causal (ARM)' if model.config.causal else 'bidirectional (MDM)'}")
+if ddp:
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
 if compile:  # after DDP, as torch's docs advise, so that compile sees DDP's gradient buckets
     if master:
         print("compiling the training step: the first steps are slow")
     train_model = torch.compile(train_model)
-log_path = os.path.join(out_dir, "log.jsonl")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if ckpt is None and os.path.exists(log_path):
-        os.remove(log_path)
 
 
 def log(record):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_log(log_path, record)
 
 
 def get_lr(it):
-    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    """Linear warmup, then cosine decay from learning_rate to min_lr at decay_iters."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if it > decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
@@ -208,7 +244,7 @@ def estimate_val():
     t = ((torch.arange(batch_size) + 0.5) / batch_size).to(device)
     total = 0.0
     for _ in range(eval_iters):
-        x0, eligible = (z.to(device) for z in data.batch(batch_size, "val", g))
+        x0, eligible = (z.to(device) for z in dataset.batch(batch_size, "val", g))
         with ctx:
             total += row_losses(eval_model, x0, eligible, t, MaskSpec(), g).mean().item()
     model.train()
@@ -217,33 +253,36 @@ def estimate_val():
 
 def evaluate():
     val_nats = estimate_val()
+    if not math.isfinite(val_nats):
+        raise ValueError(f"iteration {iter_num}: the val ELBO is {val_nats}; nothing was saved")
     record = {"iter": iter_num, "val_nats": val_nats, "val_bits": val_nats / math.log(2)}
-    if hasattr(data, "prompts"):
-        record["acc"] = accuracy(eval_model, data, eval_problems)
+    if hasattr(dataset, "prompts"):
+        record["acc"] = accuracy(eval_model, dataset, eval_problems)
     log(record)
     acc = f" | held-out exact match {record['acc']:.3f}" if "acc" in record else ""
     tqdm.write(f"iter {iter_num}: val {val_nats:.4f} nats/token = {record['val_bits']:.4f} bits/token{acc}")
     return record
 
 
-def save_checkpoint():
-    """Atomic: write a temp file, then os.replace; only plain types and tensors (weights_only)."""
+def checkpoint():
+    """Everything a resume needs, plain types and tensors only; written by checkpoint.save_checkpoint."""
     state = {"model_args": asdict(model.config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "iter_num": iter_num, "config": config, "sampler": sampler.state_dict(), "rng": rng_state(data_gen)}
     if ema is not None:
         state.update(ema=ema.module.state_dict(), ema_n=ema.n_averaged)
     if loss_cv is not None:
         state["loss_cv"] = loss_cv.state_dict()
-    torch.save(state, ckpt_path + ".tmp")
-    os.replace(ckpt_path + ".tmp", ckpt_path)
+    if hasattr(dataset, "chars"):  # text: the vocabulary, so sampling does not need the data file
+        state["vocab"] = dataset.chars
+    save_checkpoint(ckpt_path, state, model)
 
 
 def log_variance():
     start, g = time.time(), torch.Generator().manual_seed(seed + iter_num)
     kw = dict(n_t=variance_n_t, n_masks=variance_n_masks, generator=g, batch_size=rows, n_batches=16)
     res = {"iter": iter_num,
-           "loss": variance.measure(model, data, sampler, mask_spec, variance_n_x0, target="loss", **kw),
-           "grad": variance.measure(model, data, sampler, mask_spec, variance_grad_n_x0, target="grad", **kw)}
+           "loss": variance.measure(model, dataset, sampler, mask_spec, variance_n_x0, target="loss", **kw),
+           "grad": variance.measure(model, dataset, sampler, mask_spec, variance_grad_n_x0, target="grad", **kw)}
     model.train()
     tqdm.write(variance.format_line(iter_num, res["loss"], res["grad"]))
     log({"iter": iter_num, "variance": res, "seconds": time.time() - start})
@@ -298,10 +337,10 @@ def finish():
         variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
     final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
     acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
-    if not hasattr(data, "prompts"):  # text: show what the model writes
+    if not hasattr(dataset, "prompts"):  # text: show what the model writes
         for prompt in ("", sample_prompt) if sample_prompt else ("",):
             print(f"--- sample{f' after {prompt!r}' if prompt else ''} ({sample_block_length}-char blocks):")
-            print(text_sample(eval_model, data, prompt, sample_length, block_length=sample_block_length))
+            print(text_sample(eval_model, dataset, prompt, sample_length, block_length=sample_block_length))
     print(f"done in {time.time() - t0:.0f}s: val {final['val_nats']:.4f} nats/token = {final['val_bits']:.4f} "
           f"bits/token{acc}")
 
@@ -316,7 +355,7 @@ while True:
         if master and ppots_online and since_fit > 0:
             sampler.refit_online()
         elif master:
-            sampler = build_ppots(model, data, mask_spec, generator=torch.Generator().manual_seed(seed + iter_num),
+            sampler = build_ppots(model, dataset, mask_spec, generator=torch.Generator().manual_seed(seed + iter_num),
                                   fit=ppots_fit)
             model.train()
         if ddp:  # rank 0 measured and fitted; every rank samples t from its fit
@@ -329,7 +368,7 @@ while True:
     if master and (iter_num % eval_interval == 0 and iter_num > start_iter or iter_num == max_iters or iter_num == 0):
         evaluate()
         if iter_num > start_iter:
-            save_checkpoint()
+            checkpoint()
     if master and variance_interval and iter_num % variance_interval == 0 and (iter_num > start_iter or iter_num == 0):
         log_variance()
     if iter_num >= max_iters:
@@ -338,7 +377,7 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     # the global batch, the same on every rank (mirror/pair: the first half of the x0 rows)
-    x0, eligible = (z[:rows].to(device) for z in data.batch(batch_size, "train", data_gen))
+    x0, eligible = (z[:rows].to(device) for z in dataset.batch(batch_size, "train", data_gen))
     t_cpu, w_cpu = sampler.sample(rows)
     t, w = t_cpu.to(device), w_cpu.to(device)
     masks = draw_masks(eligible, t, mask_spec) if model_type == "mdm" else None
@@ -360,6 +399,10 @@ while True:
         loss = loss - loss_cv.correction(t, w, losses)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # the norm before clipping
+    for name, value in (("training loss", loss), ("gradient norm", grad_norm)):  # GradScaler handles fp16's inf
+        if not torch.isfinite(value) and not (scaler.is_enabled() and name == "gradient norm"):
+            raise ValueError(f"iteration {iter_num}: the {name} is {value.item()}; stopped before the update, so "
+                             f"{ckpt_path} still holds the last good checkpoint (try a lower --learning_rate)")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -370,7 +413,7 @@ while True:
     iter_num += 1
     t_seen.append(t_cpu)
     w_seen.append(w_cpu)
-    loss_sum += loss.detach()  # tensors: no host sync per step
+    loss_sum += loss.detach()
     norm_sum += grad_norm
     if iter_num % log_interval == 0:
         t_all = torch.cat(t_seen)

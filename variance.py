@@ -29,7 +29,7 @@ from tqdm import tqdm
 from configurator import configure, report_errors
 from data import task_from_config
 from masking import MODES, MaskSpec, row_losses
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 PROJ_SEED = 0  # the random projection directions of target='grad' are the same in every call
 

@@ -1,0 +1,155 @@
+"""The run directory (out_dir) and what train.py guarantees about it.
+
+  ckpt.pt     written atomically: a uniquely named temporary file, flushed to disk (fsync), then
+              renamed over the old one, so a kill or a full disk at any moment leaves the previous
+              checkpoint loadable; never written with non-finite weights. Plain types and tensors
+              only, so loading is weights_only (a malicious pickle is refused).
+  log.jsonl   one JSON record per line; on resume the records after the checkpoint's iteration
+              (written before a crash) are dropped, so the resumed run does not log them twice.
+  train.lock  held (flock) by the live run: a second run in the same out_dir stops with one line.
+Nothing in out_dir is created, truncated or written before the whole configuration is validated.
+"""
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from model import ModelConfig, Transformer, check_device
+
+# config keys that define the model, the data or the estimator: a resumed run must keep them
+IMMUTABLE = ("model_type", "n_layer", "n_head", "n_embd", "dropout", "bias", "task", "num_digits",
+             "block_size", "batch_size", "seed", "t_sampler", "masking", "matched_compute",
+             "ppots_fit_iter", "ppots_refit_every", "ppots_online", "ppots_fit", "ppots_support",
+             "isad_tokens", "isad_delta", "syrm_alpha", "cv_bins", "cv_eta", "weight_ema_decay")
+# machine- and call-specific keys that a checkpoint never imposes on the run that resumes it
+NOT_RESUMED = ("out_dir", "init_from", "device", "dtype", "compile")
+RENAMED = {"ema_bins": "cv_bins", "ema_eta": "cv_eta", "ema_decay": "weight_ema_decay"}
+
+
+def load_checkpoint(path, device="cpu", raw=False):
+    """(model in eval mode, checkpoint dict) from a train.py checkpoint; ValueError naming the cause
+    (missing, unreadable or not a train.py checkpoint, or a device this machine lacks).
+    A checkpoint trained with weight_ema_decay > 0 gives its EMA weights (ckpt['ema']): that is the
+    model train.py evaluates, so sample.py and variance.py see it too. raw=True gives the trained
+    weights (resume). Config keys of older checkpoints are renamed (RENAMED)."""
+    check_device(device)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} not found (train first: python train.py --out_dir=...)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, a pickle that is not plain data
+        raise ValueError(f"checkpoint {path} is corrupt or not a train.py checkpoint "
+                         f"({type(e).__name__})") from None
+    missing = [k for k in ("model_args", "model", "config") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} is not a train.py checkpoint: it has no {', '.join(missing)}")
+    ckpt["config"] = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["ema"] if "ema" in ckpt and not raw else ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path} does not match this model code ({type(e).__name__})") from None
+    return model.to(device).eval(), ckpt
+
+
+def resumed_config(config, ckpt, given):
+    """The config of a resumed run: the checkpoint's, with the flags given on the command line
+    (`given`: their names) on top. A given flag that would change an IMMUTABLE key is refused;
+    NOT_RESUMED keys keep this call's values."""
+    saved = ckpt["config"]
+    for key in IMMUTABLE:
+        if key in given and key in saved and config[key] != saved[key]:
+            raise ValueError(f"--{key}={config[key]!r} differs from the checkpoint's {saved[key]!r}: "
+                             f"it cannot change on resume (start a new out_dir instead)")
+    keep = set(given) | set(NOT_RESUMED)
+    return {k: config[k] if k in keep or k not in saved else saved[k] for k in config}
+
+
+def save_checkpoint(path, state, model):
+    """Write `state` to `path` atomically and durably (see the module docstring). Refuses a model
+    with non-finite weights; a write error (full disk, read-only) leaves the old file untouched."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError(f"refusing to write non-finite weights over {path}")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ValueError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is "
+                         f"unchanged") from None
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir if needed and hold its lock for the life of the process (returns the open
+    lock file, to be kept referenced). ValueError if out_dir cannot be used or a live run holds it."""
+    if not out_dir:
+        raise ValueError("--out_dir is empty; name a directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir={out_dir} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "train.lock"), "a")
+    except OSError as e:
+        raise ValueError(f"cannot write to --out_dir={out_dir}: {e.strerror or e}") from None
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): no protection against a second run
+        pass
+    except OSError:
+        lock.close()
+        raise ValueError(f"another run is using --out_dir={out_dir} (it holds {lock.name}); "
+                         f"wait for it or choose another out_dir") from None
+    return lock
+
+
+def start_log(path, resume_iter=None):
+    """Make log.jsonl ready for appending: emptied for a new run; on resume, cut to the records up
+    to the checkpoint's iteration (rewritten atomically; a torn last line is dropped too)."""
+    if resume_iter is None or not os.path.exists(path):
+        open(path, "w").close()
+        return
+    keep = []
+    for line in open(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iter", 0) <= resume_iter:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rng_state(data_gen):
+    """Every random stream of a training run, for its checkpoint: torch (t, masks, init), CUDA, the
+    x0 stream's own generator, python and numpy; plain types and tensors only (weights_only)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
+             "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, data_gen):
+    """Undo rng_state: a resumed run draws exactly the numbers the uninterrupted run would have."""
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32), *state["numpy"][1:]))
+    random.setstate(state["python"])
