@@ -9,6 +9,12 @@ Held-out problems never appear in training: a synthetic problem is in `val` iff 
 the problem (its digits as an integer) falls in the bottom 10 %; `batch` rejects the others.
 Text is split 90/10 by position.
 
+Synthetic problems use exact int64 arithmetic, so their size is capped: a problem's digits, read
+as one integer (the split's code), must fit in int64: at most 18 digits, as 10**18 - 1 < 2**63 - 1
+< 10**19 - 1. So sort takes 1..18 digits and add 1..9 digits per operand (2n problem digits; its
+sum, < 2 * 10**9, is far inside int64). The hash never overflows: (code mod 2147483647) times
+2654435761 is below 2**62.3.
+
 Each synthetic task also names the token sets of two supplementary methods (masking.py): ISAD's
 critical set S (isad_positions) and SyRM's prompt syntax (syntax_positions, the '+' and '=' tokens).
 Text has neither: it has no prompt and no answer to single out.
@@ -17,16 +23,30 @@ import os
 
 import torch
 
-from configurator import fail
-
 DIGITS = "0123456789+="  # the synthetic vocabulary; [MASK] comes last
 VAL_FRACTION = 0.1
+MAX_PROBLEM_DIGITS = 18  # a problem's digits as one int64 code: 10**18 - 1 fits, 10**19 - 1 not
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _in_val(code):
     """Deterministic split of the problem space: hash the problem's integer code."""
     h = ((code % 2147483647) * 2654435761) % 4294967291
     return (h % 1000) < int(1000 * VAL_FRACTION)
+
+
+def few_chars(chars, limit=10):
+    """A few characters for an error message: 'QZ!', or 'abcdefghij' and 5 more."""
+    chars = sorted(chars)
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return f"{''.join(chars[:limit])!r}{more}"
+
+
+def _check_num_digits(name, num_digits, largest, why):
+    is_int = isinstance(num_digits, int) and not isinstance(num_digits, bool)
+    if not is_int or not 1 <= num_digits <= largest:
+        raise ValueError(f"task={name} takes num_digits from 1 to {largest} ({why}), "
+                         f"got {num_digits!r}")
 
 
 class SyntheticTask:
@@ -39,7 +59,7 @@ class SyntheticTask:
     def _problems(self, n, split, generator):
         """n problems (digit tensors) from `split`, by rejection on the split hash."""
         if split not in ("train", "val"):
-            fail(f"unknown split {split!r}; use 'train' or 'val'")
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
         out, have = [], 0
         while have < n:
             digits = torch.randint(0, 10, (4 * n + 16, self.n_problem_digits), generator=generator)
@@ -57,11 +77,29 @@ class SyntheticTask:
         eligible[:, self.prompt_len:] = True
         return x0, eligible
 
+    def layout(self):
+        """The prompt layout as an example and in words: ('123+456=', "3 digits, '+', 3 digits, '='")."""
+        digits = (torch.arange(self.n_problem_digits) + 1) % 10
+        example = self.decode(self._prompt_ids(digits[None])[0])
+        runs = []  # [symbol, count] for each run of digits or of one syntax character
+        for c in example:
+            kind = "digit" if c.isdigit() else c
+            if runs and runs[-1][0] == kind == "digit":
+                runs[-1][1] += 1
+            else:
+                runs.append([kind, 1])
+        words = [f"{k} digit{'s' * (k > 1)}" if s == "digit" else repr(s) for s, k in runs]
+        return example, ", ".join(words)
+
     def encode(self, s):
-        """A prompt string such as '31415926=' -> LongTensor[prompt_len]; one clear error if malformed."""
-        bad = sorted(set(s) - set(DIGITS))
-        if bad or len(s) != self.prompt_len:
-            fail(f"prompt {s!r} is not a {self.prompt_len}-character problem over {DIGITS!r}")
+        """A prompt string such as '31415926=' -> LongTensor[prompt_len]. It must have the task's
+        exact layout (digits where digits go, '+' and '=' where they go); one clear error if not."""
+        example, words = self.layout()
+        fits = len(s) == len(example) and all(c in "0123456789" if e.isdigit() else c == e
+                                              for c, e in zip(s, example))
+        if not fits:
+            raise ValueError(f"prompt {s!r} does not fit the {self.name} task: expected a prompt "
+                             f"like {example} ({words})")
         return torch.tensor([DIGITS.index(c) for c in s], dtype=torch.long)
 
     def prompts(self, n, split, generator=None):
@@ -77,7 +115,7 @@ class SyntheticTask:
         rule 'first': the first response token, the one right after the answer delimiter '='.
         rule 'default': the task's hardest tokens (`hard`, a slice of the response; see the subclasses)."""
         if rule not in ("default", "first"):
-            fail(f"unknown isad_tokens {rule!r}; choose none, default or first")
+            raise ValueError(f"unknown isad_tokens {rule!r}; choose none, default or first")
         S = torch.zeros(self.seq_len, dtype=torch.bool)
         S[self.prompt_len:][slice(0, 1) if rule == "first" else self.hard] = True
         return S
@@ -90,11 +128,16 @@ class SyntheticTask:
 
 
 class SortTask(SyntheticTask):
-    """ISAD default S: the middle half of the response. The middle order statistics have the most
+    """num_digits from 1 to 18 (the problem's digits as one int64 code). One digit is a copy task
+    with 10 problems, 1 of them held out; it is allowed as the smallest case, not as a benchmark.
+    ISAD default S: the middle half of the response. The middle order statistics have the most
     entropy given the prompt (the ends are the min and max, mostly 0s and 9s), and a partly trained model
     finds them hardest (8 digits, 150 iters: CE 0.5-0.67 nats in the middle vs 0.24-0.28 at the ends)."""
+    name = "sort"
 
     def __init__(self, num_digits=8):
+        _check_num_digits("sort", num_digits, MAX_PROBLEM_DIGITS,
+                          "the digits of a problem form one int64 code for the train/val split")
         self.n_problem_digits, self.prompt_len = num_digits, num_digits + 1
         self.response_len = num_digits
         self.seq_len = 2 * num_digits + 1
@@ -108,10 +151,14 @@ class SortTask(SyntheticTask):
 
 
 class AddTask(SyntheticTask):
-    """ISAD default S: the first two response tokens, the carry-out and the leading digit of the sum:
+    """num_digits (per operand) from 1 to 9: the 2n digits of a problem form one int64 code.
+    ISAD default S: the first two response tokens, the carry-out and the leading digit of the sum:
     the only ones that depend on every digit of both operands (through the carry chain)."""
+    name = "add"
 
     def __init__(self, num_digits=3):
+        _check_num_digits("add", num_digits, MAX_PROBLEM_DIGITS // 2,
+                          "the 2n digits of a problem form one int64 code for the train/val split")
         self.n = num_digits
         self.n_problem_digits, self.prompt_len = 2 * num_digits, 2 * num_digits + 2
         self.response_len = num_digits + 1
@@ -130,53 +177,102 @@ class AddTask(SyntheticTask):
         return ((a + b)[:, None] // out_place) % 10
 
 
-class TextTask:
-    """Char-level text from any UTF-8 file; all positions maskable; 90/10 split by position."""
+def find_data_file(path):
+    """Where a data file is: `path` itself if it is a file (relative to the current directory),
+    else a relative `path` under the repository (the folder of data.py), else None."""
+    if os.path.isfile(path):
+        return path
+    in_repo = os.path.join(HERE, path)
+    return in_repo if not os.path.isabs(path) and os.path.isfile(in_repo) else None
 
-    def __init__(self, data_path=None, block_size=256):
-        if not data_path:
-            fail("task=text needs --data_path=FILE (any UTF-8 text file)")
-        if not os.path.isfile(data_path):
-            fail(f"data file {data_path} not found")
-        try:
-            text = open(data_path, encoding="utf-8").read()
-        except UnicodeDecodeError as e:
-            fail(f"data file {data_path} is not UTF-8 text ({e.reason} at byte {e.start})")
-        if not text:
-            fail(f"data file {data_path} is empty")
-        self.chars = sorted(set(text))
+
+class TextTask:
+    """Char-level text from any UTF-8 file; all positions maskable; 90/10 split by position.
+
+    data_path: the file; a relative path is looked up in the current directory, then in the
+    repository (so data/tinyshakespeare.txt works from anywhere). block_size: the window, >= 2.
+    chars: the vocabulary a checkpoint stored (its TextTask's `.chars`, the sorted characters of
+    its training file). Without it the vocabulary is the file's own characters; with it the
+    vocabulary is exactly `chars` (mask id = len(chars)) and a file with any other character is
+    refused. With `chars` the file may be left out (data_path=""): such a task encodes, decodes
+    and generates (vocab_size, mask_id, block_size), but has no splits and `batch` refuses.
+    """
+
+    def __init__(self, data_path=None, block_size=256, chars=None):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+            raise ValueError(f"task=text needs block_size >= 2, got {block_size!r}: a 1-character "
+                             "window gives an ARM no next-token target and an MDM no context, and "
+                             "leaves no room to generate after a 1-character prompt")
+        if chars is not None:
+            chars = list(chars)
+            single = all(isinstance(c, str) and len(c) == 1 for c in chars)
+            if not chars or not single or len(set(chars)) < len(chars):
+                raise ValueError("a stored text vocabulary must be a non-empty list of distinct "
+                                 "characters")
+        if not data_path and chars is None:
+            raise ValueError("task=text needs --data_path=FILE (any UTF-8 text file)")
+        self.split = None
+        self.seq_len = self.block_size = block_size
+        text = self._read(data_path) if data_path else None
+        self.chars = chars if chars is not None else sorted(set(text))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size, self.mask_id = len(self.chars) + 1, len(self.chars)
-        self.seq_len = self.block_size = block_size
+        if text is None:
+            return
+        unknown = set(text) - set(self.stoi)
+        if unknown:
+            raise ValueError(f"data file {data_path} has {len(unknown)} characters not in the stored "
+                             f"vocabulary: {few_chars(unknown)}")
         data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
         n_train = int(0.9 * len(data))
         self.split = {"train": data[:n_train], "val": data[n_train:]}
         for name, part in self.split.items():
             if len(part) < block_size + 1:
-                fail(f"data file {data_path} is too short: its {name} split has {len(part)} chars, "
-                     f"block_size+1 = {block_size + 1} needed (use a longer file or a smaller block_size)")
+                raise ValueError(f"data file {data_path} is too short: its {name} split has "
+                                 f"{len(part)} chars, block_size+1 = {block_size + 1} needed (use a "
+                                 "longer file or a smaller block_size)")
+
+    @staticmethod
+    def _read(data_path):
+        path = find_data_file(data_path)
+        if path is None:
+            raise ValueError(f"data file {data_path} not found")
+        try:
+            text = open(path, encoding="utf-8").read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data file {data_path} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
+        if not text:
+            raise ValueError(f"data file {data_path} is empty")
+        return text
 
     def batch(self, n, split, generator=None):
+        if self.split is None:
+            raise ValueError("this text task has no data file (it was built from a stored "
+                             "vocabulary, for sampling); give --data_path=FILE to train or evaluate")
+        if split not in self.split:
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
         data = self.split[split]
         start = torch.randint(0, len(data) - self.block_size, (n,), generator=generator)
         x0 = data[start[:, None] + torch.arange(self.block_size)]
         return x0, torch.ones_like(x0, dtype=torch.bool)
 
     def encode(self, s):
-        unknown = sorted(set(s) - set(self.stoi))
+        unknown = set(s) - set(self.stoi)
         if unknown:
-            fail(f"prompt has characters not in the vocabulary: {''.join(unknown)!r}")
+            raise ValueError(f"prompt has characters not in the vocabulary: {few_chars(unknown)}")
         return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
 
     def decode(self, ids):
         return "".join("_" if i == self.mask_id else self.chars[i] for i in ids.tolist())
 
     def isad_positions(self, rule="default"):
-        fail("task=text has no answer delimiter or critical tokens for ISAD; use --isad_tokens=none")
+        raise ValueError("task=text has no answer delimiter or critical tokens for ISAD; "
+                         "use --isad_tokens=none")
 
     def syntax_positions(self):
-        fail("task=text has no prompt, so every token is already maskable and SyRM has no syntax to add; "
-             "use --syrm_alpha=1")
+        raise ValueError("task=text has no prompt, so every token is already maskable and SyRM has "
+                         "no syntax to add; use --syrm_alpha=1")
 
 
 TASKS = {"sort": SortTask, "add": AddTask, "text": TextTask}
@@ -185,13 +281,16 @@ TASKS = {"sort": SortTask, "add": AddTask, "text": TextTask}
 def get_task(name, **kw):
     """Build a task by name: get_task('sort', num_digits=8), get_task('text', data_path=..., block_size=256)."""
     if name not in TASKS:
-        fail(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name](**kw)
 
 
-def task_from_config(config):
-    """The task a train.py config describes (checkpoints store the config)."""
+def task_from_config(config, vocab=None):
+    """The task a train.py config describes (checkpoints store the config). vocab: a text run's
+    stored vocabulary (ckpt['vocab'], its TextTask's `.chars`), passed on as TextTask's `chars`;
+    synthetic tasks have a fixed vocabulary and ignore it."""
     name = config["task"]
     if name == "text":
-        return get_task(name, data_path=config["data_path"], block_size=config["block_size"])
+        return get_task(name, data_path=config["data_path"], block_size=config["block_size"],
+                        chars=vocab)
     return get_task(name, num_digits=config["num_digits"])

@@ -3,6 +3,7 @@
     python sample.py --out_dir=out                      # synthetic task: held-out problems + accuracy
     python sample.py --out_dir=out --prompt=31415926=   # answer one prompt
     python sample.py --out_dir=out --steps=4 --remasking=random --block_length=4
+    python sample.py --out_dir=out-shakespeare-char-cpu --prompt=ROMEO:   # text, temperature 0.8
 
 The response starts fully masked. Each step runs the model on the whole sequence, predicts a token
 for every masked position (argmax, or a Gumbel-max sample at temperature > 0), and commits k of
@@ -12,6 +13,12 @@ with the highest model probability and re-masks the low-confidence rest (LLaDA's
 length the response is generated block by block, left to right (semi-autoregressive), steps split
 evenly over the blocks and k spread evenly over each block's steps. A causal (ARM) checkpoint
 decodes left to right, one token per forward pass.
+
+Temperature: text samples default to 0.8 (nanoGPT's default), since greedy low-confidence decoding
+of text tends to repeat itself; synthetic tasks default to 0 (greedy, deterministic), and held-out
+accuracy is always greedy. --temperature=0 asks for greedy text. A text checkpoint that stored its
+vocabulary (ckpt["vocab"]) samples without its data file; if the file is still there, it must have
+the same vocabulary.
 """
 import math
 import os
@@ -19,10 +26,13 @@ import sys
 
 import torch
 
-from configurator import configure, fail, report_errors
-from data import task_from_config
+from configurator import configure, report_errors
+from data import few_chars, find_data_file, task_from_config
 from masking import uniform_like
 from checkpoint import load_checkpoint
+
+TEXT_TEMPERATURE = 0.8  # the default for text samples (nanoGPT's); synthetic tasks default to greedy
+REMASKING = ("low_confidence", "random")
 
 
 def _commit_counts(n_tokens, steps):
@@ -43,7 +53,16 @@ def _predict(logits, temperature, generator):
 def generate(model, prompt, response_len, steps=None, temperature=0.0, remasking="low_confidence",
              block_length=None, generator=None):
     """prompt LongTensor[n, Tp] -> full sequences LongTensor[n, Tp + response_len], every mask filled.
-    steps defaults to response_len (one token per step); the prompt is never changed."""
+    steps (> 0) defaults to response_len (one token per step); block_length (> 0) defaults to the
+    whole response; temperature >= 0, 0 = greedy. The prompt is never changed."""
+    if remasking not in REMASKING:
+        raise ValueError(f"unknown remasking {remasking!r}; use low_confidence or random")
+    if steps is not None and steps <= 0:
+        raise ValueError(f"steps must be > 0 (or None: one token per step), got {steps}")
+    if block_length is not None and block_length <= 0:
+        raise ValueError(f"block_length must be > 0 (or None: the whole response), got {block_length}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     cfg = model.config
     n, Tp = prompt.shape
     x = torch.cat([prompt, torch.full((n, response_len), cfg.mask_id, device=prompt.device)], 1)
@@ -53,13 +72,11 @@ def generate(model, prompt, response_len, steps=None, temperature=0.0, remasking
             logits[:, cfg.mask_id] = -math.inf
             x[:, i] = _predict(logits, temperature, generator)
         return x
-    if remasking not in ("low_confidence", "random"):
-        fail(f"unknown remasking {remasking!r}; use low_confidence or random")
     block_length = block_length or response_len
     n_blocks = math.ceil(response_len / block_length)
     steps = steps or response_len
     if steps < n_blocks:
-        fail(f"steps={steps} is fewer than the {n_blocks} blocks of length {block_length}")
+        raise ValueError(f"steps={steps} is fewer than the {n_blocks} blocks of length {block_length}")
     for b in range(n_blocks):
         lo, hi = Tp + b * block_length, min(Tp + (b + 1) * block_length, Tp + response_len)
         block_steps = steps // n_blocks + (b < steps % n_blocks)
@@ -100,11 +117,15 @@ def accuracy(model, task, n_problems, steps=None, block_length=None, seed=1234, 
 @torch.no_grad()
 def text_sample(model, task, prompt="", length=256, **gen):
     """Up to `length` characters after `prompt` (an empty prompt starts from a newline, the text's
-    usual boundary, so that an ARM has a first token to condition on), as one string."""
+    usual boundary, so that an ARM has a first token to condition on), as one string. `gen` goes to
+    generate(); its temperature defaults to 0 (greedy), which for text with low-confidence
+    remasking tends to give repetitive text: pass temperature=0.8 (and a generator) for samples
+    like sample.py's."""
     ids = task.encode(prompt or "\n")[None].to(next(model.parameters()).device)
     length = min(length, task.block_size - ids.shape[1])
     if length <= 0:
-        fail(f"prompt is {ids.shape[1]} chars; it must be shorter than block_size={task.block_size}")
+        raise ValueError(f"prompt is {ids.shape[1]} chars; it must be shorter than "
+                         f"block_size={task.block_size}")
     was_training = model.training
     model.eval()
     x = generate(model, ids, length, **gen)
@@ -112,15 +133,58 @@ def text_sample(model, task, prompt="", length=256, **gen):
     return task.decode(x[0].cpu())
 
 
+def check_flags(cfg):
+    """One clear error for a sample.py flag that makes no sense, before any work."""
+    t = cfg["temperature"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy; default {TEXT_TEMPERATURE} "
+                         f"for text, 0 for synthetic tasks), got {t!r}")
+    if cfg["steps"] < 0:
+        raise ValueError(f"--steps must be >= 0 (0 = one token per step), got {cfg['steps']}")
+    if cfg["block_length"] < 0:
+        raise ValueError(f"--block_length must be >= 0 (0 = the whole response as one block), "
+                         f"got {cfg['block_length']}")
+    for key in ("num_samples", "length"):
+        if cfg[key] <= 0:
+            raise ValueError(f"--{key} must be > 0, got {cfg[key]}")
+    if cfg["remasking"] not in REMASKING:
+        raise ValueError(f"unknown --remasking={cfg['remasking']}; use low_confidence or random")
+
+
+def load_task(ckpt):
+    """The checkpoint's task. A text checkpoint with its vocabulary (ckpt["vocab"]) needs no data
+    file: if the file is gone the stored vocabulary serves; if it is there, its vocabulary must be
+    the stored one. Older text checkpoints and synthetic tasks are rebuilt from the config alone."""
+    config, vocab = ckpt["config"], ckpt.get("vocab")
+    if config["task"] != "text" or vocab is None:
+        return task_from_config(config)
+    if find_data_file(config["data_path"]) is None:
+        return task_from_config(dict(config, data_path=""), vocab=vocab)
+    task = task_from_config(config)
+    if task.chars != list(vocab):
+        added, lacking = set(task.chars) - set(vocab), set(vocab) - set(task.chars)
+        raise ValueError(f"data file {config['data_path']} does not have the checkpoint's vocabulary "
+                         f"of {len(vocab)} characters (only in the file: {few_chars(added)}; only in "
+                         f"the checkpoint: {few_chars(lacking)}); sampling needs only the checkpoint: "
+                         "restore the training file or move this one away")
+    return task
+
+
 def main(argv):
-    cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=0.0, remasking="low_confidence",
+    """sample.py's command line (see the module docstring); bad flags raise ValueError."""
+    cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=None, remasking="low_confidence",
                          block_length=0, num_samples=4, length=256, device="cpu", seed=1337), argv)
+    check_flags(cfg)
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
-    task = task_from_config(ckpt["config"])
+    task = load_task(ckpt)
+    synthetic = hasattr(task, "prompts")
+    temperature = cfg["temperature"]
+    if temperature is None:
+        temperature = 0.0 if synthetic else TEXT_TEMPERATURE
     g = torch.Generator().manual_seed(cfg["seed"])
-    gen = dict(steps=cfg["steps"] or None, temperature=cfg["temperature"],
+    gen = dict(steps=cfg["steps"] or None, temperature=temperature,
                remasking=cfg["remasking"], block_length=cfg["block_length"] or None, generator=g)
-    if hasattr(task, "prompts"):  # synthetic task
+    if synthetic:
         if cfg["prompt"]:
             prompt = task.encode(cfg["prompt"])[None]
         else:
