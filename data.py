@@ -294,3 +294,23 @@ def task_from_config(config, vocab=None):
         return get_task(name, data_path=config["data_path"], block_size=config["block_size"],
                         chars=vocab)
     return get_task(name, num_digits=config["num_digits"])
+
+
+def task_from_checkpoint(ckpt, need_data=False):
+    """The checkpoint's task. A text checkpoint with its vocabulary (ckpt["vocab"]) needs no data
+    file: if the file is gone the stored vocabulary serves; if it is there, its vocabulary must be
+    the stored one. Older text checkpoints and synthetic tasks are rebuilt from the config alone.
+    need_data=True (resuming training): the data file must be there."""
+    config, vocab = ckpt["config"], ckpt.get("vocab")
+    if config["task"] != "text" or vocab is None:
+        return task_from_config(config)
+    if find_data_file(config["data_path"]) is None and not need_data:
+        return task_from_config(dict(config, data_path=""), vocab=vocab)
+    task = task_from_config(config)
+    if task.chars != list(vocab):
+        added, lacking = set(task.chars) - set(vocab), set(vocab) - set(task.chars)
+        raise ValueError(f"data file {config['data_path']} does not have the checkpoint's vocabulary "
+                         f"of {len(vocab)} characters (only in the file: {few_chars(added)}; only in "
+                         f"the checkpoint: {few_chars(lacking)}): use the training file (sampling needs no "
+                         "data file at all)")
+    return task

@@ -27,7 +27,7 @@ import sys
 import torch
 
 from configurator import configure, report_errors
-from data import few_chars, find_data_file, task_from_config
+from data import task_from_checkpoint
 from masking import uniform_like
 from checkpoint import load_checkpoint
 
@@ -151,32 +151,13 @@ def check_flags(cfg):
         raise ValueError(f"unknown --remasking={cfg['remasking']}; use low_confidence or random")
 
 
-def load_task(ckpt):
-    """The checkpoint's task. A text checkpoint with its vocabulary (ckpt["vocab"]) needs no data
-    file: if the file is gone the stored vocabulary serves; if it is there, its vocabulary must be
-    the stored one. Older text checkpoints and synthetic tasks are rebuilt from the config alone."""
-    config, vocab = ckpt["config"], ckpt.get("vocab")
-    if config["task"] != "text" or vocab is None:
-        return task_from_config(config)
-    if find_data_file(config["data_path"]) is None:
-        return task_from_config(dict(config, data_path=""), vocab=vocab)
-    task = task_from_config(config)
-    if task.chars != list(vocab):
-        added, lacking = set(task.chars) - set(vocab), set(vocab) - set(task.chars)
-        raise ValueError(f"data file {config['data_path']} does not have the checkpoint's vocabulary "
-                         f"of {len(vocab)} characters (only in the file: {few_chars(added)}; only in "
-                         f"the checkpoint: {few_chars(lacking)}); sampling needs only the checkpoint: "
-                         "restore the training file or move this one away")
-    return task
-
-
 def main(argv):
     """sample.py's command line (see the module docstring); bad flags raise ValueError."""
     cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=None, remasking="low_confidence",
                          block_length=0, num_samples=4, length=256, device="cpu", seed=1337), argv)
     check_flags(cfg)
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
-    task = load_task(ckpt)
+    task = task_from_checkpoint(ckpt)
     synthetic = hasattr(task, "prompts")
     temperature = cfg["temperature"]
     if temperature is None:

@@ -4,10 +4,12 @@ import io
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +23,8 @@ from data import get_task
 from control_variate import LossControlVariate
 from masking import (MaskSpec, arm_loss, draw_masks, isad_rates, mask_rate, mask_spec_from_config, mdm_loss,
                      mirror_masks, pair_masks, random_mask, row_losses, syrm_loss)
-from model import ModelConfig, Transformer, load_checkpoint, weight_ema
+from checkpoint import load_checkpoint
+from model import ModelConfig, Transformer, weight_ema
 from sample import generate
 from samplers import (CELLS, PPOTSSampler, build_ppots, epr_log_density, log_normalise, make_sampler, measure_curve,
                       sampler_from_state)
@@ -253,6 +256,149 @@ def test_bad_input_gives_one_clear_error_line(tmp_path):
     _one_error_line(run("sample.py", f"--out_dir={out}", check=False), "corrupt")
     _one_error_line(run("train.py", f"--out_dir={out}", "--init_from=resume", check=False), "corrupt")
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+def run_inproc(script, *args):
+    """Run a script in this process, as `python script args` would (its error hook aside): the bad
+    input raises the ValueError that the hook turns into the one `error:` line (checked above)."""
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        sys.excepthook = sys.__excepthook__
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny finished run (10 iterations, checkpoint at 10) whose out_dir bad input must not touch."""
+    out = tmp_path_factory.mktemp("finished")
+    run("train.py", f"--out_dir={out}", "--max_iters=10", "--eval_interval=10", "--log_interval=1", *TINY)
+    return out
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fresh_copy(finished_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+BAD_TRAIN = [  # (flags, words the error line must contain); TINY flags and --out_dir come first
+    (["--batch_size=0"], "batch_size"), (["--eval_iters=0"], "eval_iters"), (["--eval_interval=0"], "eval_interval"),
+    (["--log_interval=0"], "log_interval"), (["--num_digits=0"], "num_digits"), (["--num_digits=19"], "num_digits"),
+    (["--n_head=3"], "n_head"), (["--eval_problems=0"], "eval_problems"), (["--max_iters=-1"], "max_iters"),
+    (["--t_sampler=ppots", "--ppots_fit=bogus"], "ppots_fit"), (["--t_sampler=bogus"], "t_sampler"),
+    (["--masking=bogus"], "masking"), (["--model_type=gpt"], "model_type"), (["--grad_clip=-1"], "grad_clip"),
+    (["--masking=mirror", "--batch_size=31"], "even"), (["--masking=pair", "--batch_size=1"], "even"),
+    (["--batch_size=True"], "batch_size"), (["--learning_rate=0"], "learning_rate"),
+    (["--min_lr=0.5"], "min_lr"), (["--warmup_iters=-1"], "warmup_iters"), (["--dropout=1.0"], "dropout"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
+    (["--batch_size=32", "--gradient_accumulation_steps=3"], "do not split"),
+    (["--device=cuda:0"] if not torch.cuda.is_available() else ["--device=cuda:99"], "GPU"),
+    (["--device=tpu"], "device"), (["--dtype=float8"], "dtype"), (["--init_from=bogus"], "init_from"),
+    (["--model_type=arm", "--masking=mirror"], "ARM"), (["--ppots_online=True"], "ppots_online"),
+    (["--syrm_alpha=1.5"], "syrm_alpha"), (["--isad_tokens=bogus"], "isad_tokens"),
+    (["--isad_tokens=first", "--isad_delta=0"], "isad_delta"), (["--cv_bins=2", "--cv_eta=0"], "cv_eta"),
+    (["--weight_ema_decay=1.0"], "weight_ema_decay"), (["--variance_n_masks=1"], "variance_n_masks"),
+    (["--task=text"], "data_path"), (["--task=text", "--data_path=data/tinyshakespeare.txt", "--block_size=1"],
+                                     "block_size"),
+    (["--init_from=resume", "--n_layer=2"], "n_layer"), (["--init_from=resume", "--task=add"], "task"),
+    (["--init_from=resume", "--masking=mirror"], "masking"), (["--init_from=resume", "--max_iters=10"], "nothing"),
+    (["--init_from=resume", "--max_iters=20", "--t_sampler=stratified"], "t_sampler"),
+]
+
+
+@pytest.mark.parametrize("flags, words", BAD_TRAIN, ids=[" ".join(f) for f, _ in BAD_TRAIN])
+def test_train_refuses_bad_input_before_touching_out_dir(finished_run, tmp_path, flags, words):
+    out = fresh_copy(finished_run, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=words):
+        run_inproc("train.py", *TINY, f"--out_dir={out}", *flags)
+    assert snapshot(out) == before
+
+
+def test_bad_out_dirs_and_config_files_are_one_clear_error(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    broken = tmp_path / "broken.py"
+    broken.write_text("max_iters = (\n")
+    for args, words in (([f"--out_dir={a_file}"], "is a file"), ([f"--out_dir={a_file}/sub"], "cannot write"),
+                        (["--out_dir="], "empty"), ([str(broken)], "line")):
+        with pytest.raises(ValueError, match=words):
+            run_inproc("train.py", *TINY, "--max_iters=0", *args)
+    assert a_file.read_text() == "keep me"
+    _one_error_line(run("train.py", str(broken), check=False), "broken.py", "line 1")
+
+
+def test_resume_of_a_checkpoint_without_its_config_blames_the_checkpoint(finished_run, tmp_path):
+    out = fresh_copy(finished_run, tmp_path)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["config"]
+    torch.save(ckpt, out / "ckpt.pt")
+    before = snapshot(out)
+    for script, args in (("train.py", ["--init_from=resume", "--max_iters=20"]), ("sample.py", [])):
+        with pytest.raises(ValueError, match="not a train.py checkpoint: it has no config"):
+            run_inproc(script, f"--out_dir={out}", *args)
+    assert snapshot(out) == before
+    if not torch.cuda.is_available():  # a good checkpoint on a missing GPU is not "corrupt"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            run_inproc("sample.py", f"--out_dir={finished_run}", "--device=cuda")
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
+    out = fresh_copy(finished_run, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"iteration 1\d: the (training loss|gradient norm) is (nan|inf)"):
+        run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=40", "--eval_interval=2",
+                   "--learning_rate=1e9", "--min_lr=0")
+    assert (out / "ckpt.pt").read_bytes() == before[Path("ckpt.pt")]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint(finished_run, tmp_path, monkeypatch):
+    out = fresh_copy(finished_run, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def full(*args, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ValueError, match="No space left on device; the previous one is unchanged"):
+        run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=12", "--eval_interval=2")
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+
+
+def test_a_second_run_in_a_live_out_dir_stops(finished_run, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out = fresh_copy(finished_run, tmp_path)
+    before = snapshot(out)
+    with open(out / "train.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another run is using"):
+            run_inproc("train.py", *TINY, f"--out_dir={out}", "--init_from=resume", "--max_iters=12")
+    assert snapshot(out) == before
+
+
+def test_resume_applies_changeable_flags_and_logs_each_iteration_once(finished_run, tmp_path):
+    """Extending max_iters with lr_decay_iters=0 decays to the NEW end (the schedule does not sit at
+    min_lr), the checkpoint records the new values, and records written after the checkpoint by a
+    run that then crashed are not logged twice."""
+    out = fresh_copy(finished_run, tmp_path)
+    with open(out / "log.jsonl", "a") as f:  # a crashed run got to iteration 11 after the checkpoint at 10
+        f.write(json.dumps({"iter": 11, "loss": 9.9}) + "\n" + '{"iter": 12, "lo')
+    run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=20", "--eval_interval=5")
+    log = read_log(out)
+    iters = [r["iter"] for r in log if "loss" in r]
+    assert iters == list(range(1, 21)) and all(r.get("loss") != 9.9 for r in log)
+    lr = {r["iter"]: r["lr"] for r in log if "lr" in r}
+    min_lr = 2e-4
+    assert lr[12] > lr[15] > lr[20] > min_lr * 1.0001 and lr[12] > 0.5 * 2e-3  # mid-cosine to iter 20
+    config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert config["max_iters"] == 20 and config["eval_interval"] == 5 and config["lr_decay_iters"] == 0
 
 
 # ----------------------------------------------------------------------------- samplers.py

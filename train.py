@@ -41,10 +41,10 @@ from checkpoint import (append_log, load_checkpoint, lock_out_dir, resumed_confi
                         save_checkpoint, set_rng_state, start_log)
 from configurator import check_ranges, configure_globals, given_keys, report_errors
 from control_variate import LossControlVariate
-from data import task_from_config
+from data import task_from_checkpoint, task_from_config
 from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
 from model import ModelConfig, Transformer, device_and_dtype, weight_ema
-from sample import accuracy, text_sample
+from sample import TEXT_TEMPERATURE, accuracy, text_sample
 from samplers import SAMPLERS, build_ppots, make_sampler, sampler_from_state
 
 report_errors()  # bad input: one `error:` line (configurator.py)
@@ -176,7 +176,7 @@ torch.manual_seed(seed)  # init, t and masks: the same seed on every rank, which
 data_gen = torch.Generator().manual_seed(seed + 1_000_003)
 random.seed(seed)  # python and numpy draw nothing here; seeded (and checkpointed) for forks that do
 np.random.seed(seed)
-dataset = task_from_config(config)
+dataset = task_from_config(config) if ckpt is None else task_from_checkpoint(dict(ckpt, config=config), True)
 mask_spec = mask_spec_from_config(config, dataset)  # the masking mode with its ISAD / SyRM options
 if ckpt is None:
     model = Transformer(ModelConfig(vocab_size=dataset.vocab_size, mask_id=dataset.mask_id,
@@ -339,8 +339,10 @@ def finish():
     acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
     if not hasattr(dataset, "prompts"):  # text: show what the model writes
         for prompt in ("", sample_prompt) if sample_prompt else ("",):
-            print(f"--- sample{f' after {prompt!r}' if prompt else ''} ({sample_block_length}-char blocks):")
-            print(text_sample(eval_model, dataset, prompt, sample_length, block_length=sample_block_length))
+            print(f"--- sample{f' after {prompt!r}' if prompt else ''} ({sample_block_length}-char blocks, "
+                  f"temperature {TEXT_TEMPERATURE}):")
+            print(text_sample(eval_model, dataset, prompt, sample_length, block_length=sample_block_length,
+                              temperature=TEXT_TEMPERATURE, generator=torch.Generator(device).manual_seed(seed)))
     print(f"done in {time.time() - t0:.0f}s: val {final['val_nats']:.4f} nats/token = {final['val_bits']:.4f} "
           f"bits/token{acc}")
 
