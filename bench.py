@@ -2,7 +2,7 @@
 
     python bench.py                                   # train.py's default model and batch, best device
     python bench.py --device=cpu --repeats=50
-    python bench.py --task=text --data_path=../shared/data/tinyshakespeare.txt --block_size=64 --batch_size=32
+    python bench.py --task=text --data_path=data/tinyshakespeare.txt --block_size=64 --batch_size=32
 
 Every figure is a median of timed calls after untimed warm-up calls (CUDA synchronised), printed as ms per
 call, tokens/s where tokens are processed, and its ratio to one floor step. The training steps: `repeats` calls
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import variance
-from configurator import configure_globals, fail, report_errors
+from configurator import check_ranges, configure_globals, report_errors
 from data import task_from_config
 from masking import MaskSpec, row_losses
 from model import ModelConfig, Transformer, device_and_dtype
@@ -49,18 +49,21 @@ dtype = ""  # '' = auto, as train.py (model.device_and_dtype)
 compile = False
 # -----------------------------------------------------------------------------
 config = configure_globals(globals())
+check_ranges(config, {"warmup": (1, None), "repeats": (3, None), "batch_size": (2, None), "gen_rows": (1, None),
+                      "max_iters": (1, None), "variance_interval": (1, None), "n_layer": (1, None),
+                      "n_head": (1, None), "n_embd": (1, None), "num_digits": (1, None)})
+if n_embd % n_head:
+    raise ValueError(f"--n_head={n_head} does not divide --n_embd={n_embd}")
 device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
-if warmup < 1 or repeats < 3:
-    fail(f"need warmup >= 1 and repeats >= 3, got {warmup} and {repeats}")
 torch.manual_seed(seed)
 gen = torch.Generator().manual_seed(seed)
-data = task_from_config(config)
-model = Transformer(ModelConfig(vocab_size=data.vocab_size, mask_id=data.mask_id, block_size=data.seq_len,
+dataset = task_from_config(config)
+model = Transformer(ModelConfig(vocab_size=dataset.vocab_size, mask_id=dataset.mask_id, block_size=dataset.seq_len,
                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device).train()
 optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 step_model = torch.compile(model) if compile else model
-tokens = batch_size * data.seq_len  # forward tokens per training step, for every method
+tokens = batch_size * dataset.seq_len  # forward tokens per training step, for every method
 
 
 def sync():
@@ -94,7 +97,7 @@ def update(loss):
     optimizer.zero_grad(set_to_none=True)
 
 
-x_floor = data.batch(batch_size, "train", gen)[0].to(device)
+x_floor = dataset.batch(batch_size, "train", gen)[0].to(device)
 
 
 def floor_step():
@@ -111,7 +114,7 @@ def train_step(masking, sampler):
     rows = batch_size // 2 if masking in ("mirror", "pair") else batch_size
 
     def step():
-        x0, eligible = (z[:rows].to(device) for z in data.batch(batch_size, "train", gen))
+        x0, eligible = (z[:rows].to(device) for z in dataset.batch(batch_size, "train", gen))
         t, w = (z.to(device) for z in sampler.sample(rows))
         with ctx:
             loss = (w * row_losses(step_model, x0, eligible, t, MaskSpec(masking))).mean()
@@ -122,20 +125,20 @@ def train_step(masking, sampler):
 def log_variance(sampler):
     """train.py's in-training variance logging at its defaults: loss and gradient A, B, C."""
     kw = dict(n_t=4, n_masks=2, generator=torch.Generator().manual_seed(seed), batch_size=batch_size, n_batches=16)
-    variance.measure(model, data, sampler, MaskSpec(), 16, target="loss", **kw)
-    variance.measure(model, data, sampler, MaskSpec(), 4, target="grad", **kw)
+    variance.measure(model, dataset, sampler, MaskSpec(), 16, target="loss", **kw)
+    variance.measure(model, dataset, sampler, MaskSpec(), 4, target="grad", **kw)
     model.train()
 
 
 def main():
     uniform = make_sampler("uniform")
     print(f"bench: {device} ({str(ptdtype)[6:]}{', compiled' if compile else ''}), task={task}, {n_layer}x{n_embd} "
-          f"({model.num_params() / 1e6:.2f}M parameters), batch {batch_size} x {data.seq_len} tokens, "
+          f"({model.num_params() / 1e6:.2f}M parameters), batch {batch_size} x {dataset.seq_len} tokens, "
           f"{torch.get_num_threads()} CPU threads, median of {repeats} after {warmup} warm-up")
-    curve = measure_curve(model, data, generator=torch.Generator().manual_seed(seed))  # build_ppots's
+    curve = measure_curve(model, dataset, generator=torch.Generator().manual_seed(seed))  # build_ppots's
     ppots = PPOTSSampler(curve["t"], curve["m"].sqrt())
     measure_seconds, fit_seconds = timed({  # the one-offs: median of 3 after 1
-        "measure": lambda: measure_curve(model, data, generator=torch.Generator().manual_seed(seed)),
+        "measure": lambda: measure_curve(model, dataset, generator=torch.Generator().manual_seed(seed)),
         "fit": lambda: PPOTSSampler(curve["t"], curve["m"].sqrt())}, n=3, warm=1).values()
     floor, standard, mirror, pair, ppots_step = timed({
         "floor": floor_step, "standard": train_step("standard", uniform), "mirror": train_step("mirror", uniform),
@@ -170,9 +173,9 @@ def main():
     row("P-POTS measure + fit", measure_seconds + fit_seconds, None,
         f"once = {(measure_seconds + fit_seconds) / run:.1%} of the run (target <= 5%)")
 
-    prompts = (data.prompts(gen_rows, "val", gen) if hasattr(data, "prompts")
+    prompts = (dataset.prompts(gen_rows, "val", gen) if hasattr(dataset, "prompts")
                else torch.empty(gen_rows, 0, dtype=torch.long)).to(device)
-    response_len = data.response_len if hasattr(data, "prompts") else data.seq_len
+    response_len = dataset.response_len if hasattr(dataset, "prompts") else dataset.seq_len
     header(f"generation ({gen_rows} x {response_len} tokens)")
     model.eval()
     for steps in sorted({1, min(8, response_len), response_len}):
