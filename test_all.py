@@ -834,9 +834,10 @@ def test_isad_masks_S_at_min_1_p_plus_delta_and_the_rest_at_p(p):
 
 @pytest.mark.parametrize("mode", ["standard", "mirror", "pair"])
 @pytest.mark.parametrize("t", [0.05, 0.5, 0.9])
-def test_isad_loss_is_unbiased_for_the_standard_loss(mode, t):
-    """Fixed logits: E[l] under ISAD (q = min(1, p + Delta) on S, weight 1/q) must equal E[l] under
-    standard masking, (1/P) sum_eligible CE_i, through the whole row_losses composition."""
+def test_isad_keeps_the_standard_mean_only_when_token_losses_ignore_the_context(mode, t):
+    """Fixed logits (no token's CE depends on the mask): E[l] under ISAD (q = min(1, p + Delta) on S,
+    weight 1/q) equals E[l] under standard masking, (1/P) sum_eligible CE_i, through row_losses. The
+    next test shows that this does not carry over to a model that reads its context."""
     logits, x0, eligible = fixed_isad_problem()
     ce = ce_of(logits, x0)
     exact = (ce * eligible).sum(1) / eligible.sum(1)
@@ -844,6 +845,47 @@ def test_isad_loss_is_unbiased_for_the_standard_loss(mode, t):
     spec = MaskSpec(mode, isad=S, isad_delta=0.2)
     L = row_losses(Frozen(logits), x0.repeat(N, 1), eligible.repeat(N, 1), torch.full((N * MB,), t), spec, gen(3))
     mc_check(L.view(N, MB), exact.double())
+
+
+class Peeking(torch.nn.Module):
+    """A 'model' whose prediction of token 1 reads token 0: CE_1 = ce_seen when token 0 is visible,
+    ce_hidden when it is masked; every other logit is fixed. Sequence [x0, x1], both maskable."""
+
+    def __init__(self, ce_seen=0.1, ce_hidden=2.0):
+        super().__init__()
+        self.config = SimpleNamespace(causal=False, mask_id=2)
+        self.ce_seen, self.ce_hidden = ce_seen, ce_hidden
+
+    def forward(self, idx):
+        """Targets are class 0; logits (0, z, -inf) give CE = log(1 + e^z), so z = log(e^CE - 1)."""
+        z = lambda ce: math.log(math.expm1(ce))
+        hidden = idx[:, 0] == self.config.mask_id
+        logits = torch.zeros(len(idx), 2, 3)
+        logits[:, 0, 1] = z(0.5)
+        logits[:, 1, 1] = torch.where(hidden, z(self.ce_hidden), z(self.ce_seen))
+        logits[:, :, 2] = -1e4  # never [MASK]
+        return logits
+
+
+@pytest.mark.parametrize("t", [0.2, 0.6])
+def test_isad_is_a_different_objective_when_token_losses_read_the_context(t):
+    """S = {token 0} masked at q = p + Delta: token 1 then sees a masked token 0 more often, so
+    E[l_ISAD] = (CE_0 + q CE_1^hidden + (1 - q) CE_1^seen) / 2 differs from the standard
+    (CE_0 + p CE_1^hidden + (1 - p) CE_1^seen) / 2 by (q - p)(CE_1^hidden - CE_1^seen) / 2: the 1/q
+    weights keep each token's marginal weight, not the ELBO. Both means are checked within 4 SE."""
+    model, N, delta = Peeking(), 200_000, 0.3
+    x0, eligible = torch.zeros(N, 2, dtype=torch.long), torch.ones(N, 2, dtype=torch.bool)
+    tt = torch.full((N,), t)
+    p = mask_rate(torch.tensor(t)).item()
+    q = min(1.0, p + delta)
+    mean = lambda r: (0.5 + r * 2.0 + (1 - r) * 0.1) / 2
+    isad = row_losses(model, x0, eligible, tt, MaskSpec(isad=torch.tensor([True, False]), isad_delta=delta), gen(1))
+    plain = row_losses(model, x0, eligible, tt, MaskSpec(), gen(2))
+    for L, truth in ((isad, mean(q)), (plain, mean(p))):
+        se = L.double().std() / math.sqrt(N)
+        assert abs(L.double().mean() - truth) <= 4 * se, (L.mean(), truth, se)
+    gap, se_gap = isad.double().mean() - plain.double().mean(), math.hypot(isad.std(), plain.std()) / math.sqrt(N)
+    assert gap > 8 * se_gap and abs(gap - (q - p) * 1.9 / 2) <= 4 * se_gap
 
 
 # ----------------------------------------------------------------------------- SyRM
