@@ -565,7 +565,7 @@ def test_state_dict_keeps_online_bins():
     for s in (sampler, rebuilt):
         s.observe(torch.rand(500, generator=gen(5)), torch.rand(500, generator=gen(6)))
         s.refit_online()
-    assert not torch.equal(rebuilt.w_grid, torch.ones(T - 1, dtype=torch.float64))
+    assert not torch.equal(rebuilt.sqrt_m, torch.ones(T - 1, dtype=torch.float64))
     assert same_draws(sampler, rebuilt)
 
 
@@ -588,8 +588,8 @@ def test_online_bins_without_data_keep_estimate():
     assert sampler.count.sum() < len(t)
     sampler.refit_online()
     seen = T_GRID < 0.5 - 1 / (2 * T)
-    assert torch.allclose(sampler.w_grid[seen], torch.tensor(3.0, dtype=torch.float64))
-    assert (sampler.w_grid[T_GRID > 0.5 + 1 / (2 * T)] == 1).all()
+    assert torch.allclose(sampler.sqrt_m[seen], torch.tensor(3.0, dtype=torch.float64))
+    assert (sampler.sqrt_m[T_GRID > 0.5 + 1 / (2 * T)] == 1).all()
 
 
 @pytest.fixture(scope="module")
@@ -618,7 +618,7 @@ def test_measure_curve(tiny_model, training):
     # m = mean_x0(g_x^2 + v_x (n-1)/n) >= (mean_x0 g_x)^2 + mean_x0 v_x (n-1)/n: the x0 spread of g is in m
     assert (curve["m"] >= (curve["g"] ** 2 + curve["v"] * 2 / 3) * (1 - 1e-5)).all()
     sampler = build_ppots(model, task, generator=gen(1), fit="none", **kw)
-    assert torch.allclose(sampler.w_grid.float(), curve["m"].sqrt())
+    assert torch.allclose(sampler.sqrt_m.float(), curve["m"].sqrt())
 
 
 def test_measure_curve_includes_spread_of_g_across_x0(tiny_model):

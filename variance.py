@@ -8,24 +8,29 @@ total variance splits Var l into
     B = E_{x0} Var_t g(x0, t)         masking-rate noise      (P-POTS; StraTS across a batch)
     C = Var_{x0} E_t g(x0, t)         data noise              (what an ARM has too)
 
-measure() draws a x0 x b rates x c masks with the same sampler -> masking -> model -> mdm_loss calls
-train.py makes, and decompose() turns the [a, b, c] losses into unbiased estimates of A, B, C. With
-target='grad' the same is done for the per-draw gradients (projected on a few random directions):
-that is the noise the optimiser actually feels. Standalone:
+measure() draws a x0 x b rates x c masks with the same sampler -> masking -> model -> mdm_loss
+calls train.py makes (the rates i.i.d. from one row's law: draw_rates), and decompose() turns the
+[a, b, c] losses into unbiased estimates of A, B, C. With target='grad' the same is done for the
+per-draw gradients (projected on a few random directions): that is the noise the optimiser
+actually feels. bootstrap_x0() gives their confidence intervals, resampling x0. Standalone, a table
+for every t-sampler x masking on one checkpoint, each number with its 95 % interval:
 
-    python variance.py --out_dir=out [--n_x0=64 --n_t=16 --n_masks=4 --device=cpu --seed=0]
+    python variance.py --out_dir=out [--n_x0=64 --n_t=16 --n_masks=4 --grad_n_x0=16 --n_proj=4
+                                      --n_boot=4000 --device=cpu --seed=0]
 """
+import functools
 import math
 import os
 import sys
+import time
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import samplers
+import stats
 from configurator import configure, report_errors
 from data import task_from_config
 from masking import MODES, MaskSpec, row_losses
@@ -34,65 +39,98 @@ from checkpoint import load_checkpoint
 PROJ_SEED = 0  # the random projection directions of target='grad' are the same in every call
 
 
-def _plug_in(L):
-    """Plug-in (ddof = 0) components per trailing coordinate, tensors [d], and the sizes (a, b, c)."""
-    L = L.double()
+def x0_summary(L):
+    """The per-x0 pieces that decompose() is computed from, for losses L[a, b, c] or L[a, b, c, d]
+    (d coordinates): plug-in (ddof = 0) within-cell variance over masks averaged over t
+    (within[a, d]), variance over t of the cell means (between[a, d]) and the x0 mean (mean[a, d]),
+    numpy float64, with b and c. Resampling x0 rows of these is resampling x0 rows of L."""
+    L = torch.as_tensor(L).detach().double().cpu()
     if L.dim() == 3:
         L = L[..., None]
     a, b, c, _ = L.shape
     if min(a, b, c) < 2:
         raise ValueError(f"decompose needs >= 2 x0s, rates and masks; got a, b, c = {a, b, c}")
-    shift = L[:, :1, :1]  # centre each x0 on one of its own draws: identical values give exact zeros
+    shift = L[:, :1, :1]  # centre each x0 on one of its own draws: equal values give exact zeros
     cell = (L - shift).mean(2)  # g(x0, t) estimate, [a, b, d]
-    A0 = (L - shift).var(2, unbiased=False).mean((0, 1))
-    B0 = cell.var(1, unbiased=False).mean(0)
-    C0 = (cell.mean(1) + shift[:, 0, 0]).var(0, unbiased=False)
-    return A0, B0, C0, (a, b, c)
+    return dict(within=(L - shift).var(2, unbiased=False).mean(1).numpy(),
+                between=cell.var(1, unbiased=False).numpy(),
+                mean=(cell.mean(1) + shift[:, 0, 0]).numpy(), b=b, c=c)
+
+
+def components(summary, idx=None):
+    """decompose()'s unbiased A, B, C, total from an x0_summary, on the x0 rows idx (default: all;
+    a bootstrap resample repeats some)."""
+    idx = np.arange(len(summary["mean"])) if idx is None else idx
+    a, b, c = len(idx), summary["b"], summary["c"]
+    A = summary["within"][idx].mean(0) * c / (c - 1)
+    S = summary["between"][idx].mean(0) * b / (b - 1)
+    B, C = S - A / c, summary["mean"][idx].var(0) * a / (a - 1) - S / b
+    A, B, C = float(A.sum()), float(B.sum()), float(C.sum())
+    return dict(A=A, B=B, C=C, total=A + B + C)
 
 
 def naive_decompose(L):
-    """Plug-in A, B, C (within-cell, over-t, over-x0 variances of the sample means, no corrections).
-    They add up to the plug-in variance of all draws, but B and C are biased up by the noise of
-    the means they are computed from (B by A/c, C by B/b + A/(bc)) and down by the 1/n of ddof = 0."""
-    A0, B0, C0, _ = _plug_in(L)
-    A, B, C = A0.sum().item(), B0.sum().item(), C0.sum().item()
+    """Plug-in A, B, C (within-cell, over-t, over-x0 variances of the sample means, no
+    corrections). They add up to the plug-in variance of all draws, but B and C are biased up by
+    the noise of the means they are computed from (B by A/c, C by B/b + A/(bc)) and down by the 1/n
+    of ddof = 0."""
+    s = x0_summary(L)
+    A, B, C = (float(z.sum())
+               for z in (s["within"].mean(0), s["between"].mean(0), s["mean"].var(0)))
     return dict(A=A, B=B, C=C, total=A + B + C)
 
 
 def decompose(L):
     """Unbiased A, B, C from losses L[a, b, c] (a x0s, b rates t per x0, c masks per (x0, t)).
 
-    Random-effects ANOVA: l_ijk = g_ij + e_ijk with Var e = A, and g_ij = G_i + b_ij with Var b = B,
-    Var G = C. Writing l_ij. and l_i.. for the means over masks and over (t, masks):
+    Random-effects ANOVA: l_ijk = g_ij + e_ijk with Var e = A, and g_ij = G_i + b_ij with Var b =
+    B, Var G = C. Writing l_ij. and l_i.. for the means over masks and over (t, masks):
 
         A = mean_ij  s2_k(l_ijk)                    E = A                     (unbiased s2 over k)
         S = mean_i   s2_j(l_ij.),   B = S - A/c     E[S] = B + A/c            (unbiased s2 over j)
         C = s2_i(l_i..) - S/b                       E[s2_i] = C + B/b + A/(bc) = C + E[S]/b
 
-    so each estimate is unbiased and total = A + B + C estimates Var l. B and C can come out slightly
-    negative by chance; they are not clipped, because clipping at 0 would bias them upwards.
-    L[a, b, c, d] (d coordinates of a vector, e.g. projected gradients) gives the traces: each
-    component summed over d. An ARM's loss is a deterministic function of x0 (no t, no mask), so
-    for it A = B = 0 exactly and all its variance is C.
+    so each estimate is unbiased and total = A + B + C estimates Var l. This assumes the b rates
+    of an x0 are independent draws (draw_rates). B and C can come out slightly negative by chance;
+    they are not clipped, because clipping at 0 would bias them upwards. L[a, b, c, d] (d
+    coordinates of a vector, e.g. projected gradients) gives the traces: each component summed
+    over d. An ARM's loss is a deterministic function of x0 (no t, no mask), so for it A = B = 0
+    exactly and all its variance is C.
     """
-    A0, B0, C0, (a, b, c) = _plug_in(L)
-    A = A0 * c / (c - 1)
-    S = B0 * b / (b - 1)
-    B, C = S - A / c, C0 * a / (a - 1) - S / b
-    A, B, C = A.sum().item(), B.sum().item(), C.sum().item()
-    return dict(A=A, B=B, C=C, total=A + B + C)
+    return components(x0_summary(L))
 
 
-def _rates(sampler, n, generator, causal):
-    """(t, w) for n rows from ONE sampler call (so a stratified sampler stratifies those n rows).
-    An ARM has no masking rate: t = 0, w = 1."""
-    if causal:
-        return torch.zeros(n), torch.ones(n)
-    return sampler.sample(n, generator)
+def bootstrap_x0(stat, draws, n_boot=4000, seed=0, level=0.95):
+    """Bootstrap confidence intervals over x0, the unit of independence: the x0 are drawn i.i.d.
+    and every rate and mask below an x0 belongs to it, so resampling x0 rows (each with all its
+    draws) imitates a fresh measurement. draws: {name: L[a, ...]}, arrays measured on the SAME a
+    x0s (e.g. measure(..., keep_draws=True) with the same generator seed), all resampled with the
+    SAME rows, so a ratio between two of them is paired. stat(comps, idx) -> float or dict of
+    floats, with comps = {name: components of draws[name] on the rows idx}; idx is passed on so
+    that the stat can resample other per-x0 arrays with the same rows. The interval is
+    stats.bootstrap's percentile interval: dict(est, lo, hi), or {key: dict(est, lo, hi)}."""
+    summaries = {name: x0_summary(L) for name, L in draws.items()}
+    sizes = {len(s["mean"]) for s in summaries.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"bootstrap_x0 needs all arrays on the same x0s, got {sorted(sizes)} rows")
+    return stats.bootstrap(
+        lambda idx: stat({name: components(s, idx) for name, s in summaries.items()}, idx),
+        sizes.pop(), n_boot, seed, level)
+
+
+def draw_rates(sampler, n_x0, n_t, generator=None):
+    """(t, w), FloatTensor[n_x0, n_t] each: n_t rates per x0, all i.i.d. from one row's law
+    (sampler.marginal). decompose needs the rates of one x0 to be independent draws: the n_t draws
+    of ONE stratified sample(n_t) call are spread evenly over [0, 1], which inflates B (the spread
+    of g over the t's of an x0) and deflates C by about as much. StraTS couples the rows of a
+    batch, and measure's batch_var shows that."""
+    t, w = sampler.marginal(n_x0 * n_t, generator)
+    return t.view(n_x0, n_t), w.view(n_x0, n_t)
 
 
 def _with_params(model, params):
-    """`model` run with the parameter tensors `params` (for forward-mode AD), as row_losses calls it."""
+    """`model` run with the parameter tensors `params` (for forward-mode AD), as row_losses calls
+    it."""
     def forward(idx):
         return torch.func.functional_call(model, params, (idx,))
     forward.config = model.config
@@ -138,12 +176,14 @@ def _directions(model, n_proj):
 
 @torch.no_grad()
 def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4, target="loss",
-            generator=None, batch_size=None, n_batches=32, n_proj=8, max_rows=1024):
+            generator=None, batch_size=None, n_batches=32, n_proj=8, max_rows=1024,
+            keep_draws=False):
     """A, B, C of the training draw l * w (target='loss') or of its gradient (target='grad').
 
-    n_x0 train x0s; for each, n_t rates (t, w) from one sampler.sample(n_t) call; for each (x0, t),
-    n_masks mask draws (mirror/pair: one draw = one pair-averaged loss, as in training). The model
-    runs in eval mode (training flag restored). A fixed (CPU) generator gives identical results;
+    n_x0 train x0s; for each, n_t rates (t, w) drawn i.i.d. from the sampler's one-row law
+    (draw_rates); for each (x0, t), n_masks mask draws (mirror/pair: one draw = one pair-averaged
+    loss, as in training). The model runs in eval mode (training flag restored). A fixed (CPU)
+    generator gives identical results, and the same x0s for the same n_x0 (x0 are drawn first);
     masks come from device generators seeded from it. max_rows: x0 rows per forward pass (mirror
     and pair run twice that).
 
@@ -153,8 +193,11 @@ def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4,
     then (noisy but unbiased) estimates of the full traces, e.g. A ~ E tr Cov(grad | x0, t).
 
     target='loss' also gives batch_var: the variance of the batch-mean loss the optimiser sees, for
-    batches of batch_size (default n_x0) fresh x0s, t from ONE sampler call per batch (so StraTS
-    shows), one mask each; unbiased over n_batches batches. The per-draw A, B, C cannot show StraTS.
+    batches of batch_size (default n_x0) fresh x0s, t from ONE sampler.sample call per batch (so
+    StraTS shows), one mask each; unbiased over n_batches batches. The per-draw A, B, C cannot show
+    StraTS. keep_draws: also return the draws as res['draws'], float64 [n_x0, n_t, n_masks(,
+    n_proj)], for target='grad' scaled by √(D / n_proj), so that decompose(res['draws']) gives
+    res's A, B, C (bootstrap_x0 resamples them).
     """
     if target not in ("loss", "grad"):
         raise ValueError(f"unknown target {target!r}; use 'loss' or 'grad'")
@@ -163,33 +206,43 @@ def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4,
     try:
         x0, eligible = (z.to(device) for z in task.batch(n_x0, "train", generator))
         b, c = (1, 1) if causal else (n_t, n_masks)  # an ARM's l depends on x0 only: evaluate once
-        t, w = (torch.stack(z).to(device).repeat_interleave(c, 1).flatten()
-                for z in zip(*(_rates(sampler, b, generator, causal) for _ in range(n_x0))))
+        t, w = ((torch.zeros(n_x0, 1), torch.ones(n_x0, 1)) if causal
+                else draw_rates(sampler, n_x0, n_t, generator))
+        t, w = (z.to(device).repeat_interleave(c, 1).flatten() for z in (t, w))
         seed = int(torch.randint(2**62, (), generator=generator))
         directions = _directions(model, n_proj) if target == "grad" else None
         vals = _draws(model, x0.repeat_interleave(b * c, 0), eligible.repeat_interleave(b * c, 0),
                       t, w, masking, seed, max_rows, directions)
-        L = vals.view(n_x0, b, c, *vals.shape[1:]).expand(n_x0, n_t, n_masks, *vals.shape[1:])
-        res = decompose(L)
+        L = vals.double().view(n_x0, b, c, *vals.shape[1:]).expand(n_x0, n_t, n_masks,
+                                                                   *vals.shape[1:])
         if target == "grad":
             D = sum(p.numel() for p in model.parameters())
-            res = {k: v * D / n_proj for k, v in res.items()}
+            L = L * math.sqrt(D / n_proj)  # squared in every component: the trace estimates
+        res = decompose(L)
+        if target == "grad":
             res.update(n_proj=n_proj, n_params=D)
         else:
-            res["mean"] = L.double().mean().item()
+            res["mean"] = L.mean().item()
             res["batch_var"] = _batch_var(model, task, sampler, masking, batch_size or n_x0,
                                           n_batches, generator, max_rows)
     finally:
         model.train(was_training)
     res.update(target=target, masking=str(masking), n_x0=n_x0, n_t=n_t, n_masks=n_masks)
+    if keep_draws:
+        res["draws"] = L.cpu()
     return res
 
 
 def _batch_var(model, task, sampler, masking, batch_size, n_batches, generator, max_rows):
-    """Unbiased variance of the batch mean of l * w over n_batches independent training batches."""
+    """Unbiased variance of the batch mean of l * w over n_batches independent training batches,
+    each with its t's from one sampler.sample(batch_size) call, as train.py draws them."""
     device, causal = model.lm_head.weight.device, model.config.causal
-    batches = [task.batch(batch_size, "train", generator) + _rates(sampler, batch_size, generator, causal)
-               for _ in range(n_batches)]
+    batches = []
+    for _ in range(n_batches):
+        x0, eligible = task.batch(batch_size, "train", generator)
+        t, w = ((torch.zeros(batch_size), torch.ones(batch_size)) if causal
+                else sampler.sample(batch_size, generator))
+        batches.append((x0, eligible, t, w))
     x0, eligible, t, w = (torch.cat(z).to(device) for z in zip(*batches))
     seed = int(torch.randint(2**62, (), generator=generator))
     vals = _draws(model, x0, eligible, t, w, masking, seed, max_rows)
@@ -206,67 +259,130 @@ def format_line(iter_num, loss_res, grad_res=None):
 
 
 def plot_variance(records, path):
-    """Stacked A/B/C areas over training iterations, one panel for the loss, one for the gradient.
-    records: [{'iter': int, 'loss': {'A', 'B', 'C'}, 'grad': {'A', 'B', 'C'}}, ...]. Estimates that
-    came out negative by chance are drawn as 0 (display only: the logged numbers stay unclipped)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("loss", "grad")):
-        rs = [r for r in records if r.get(key)]
-        ax.stackplot([r["iter"] for r in rs], *([max(r[key][k], 0.0) for r in rs] for k in "ABC"),
-                     labels=["A (mask)", "B (rate t)", "C (data x0)"], alpha=0.8)
-        ax.set(title=f"{key} variance components", xlabel="iteration")
-        ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Transitional, while train.py calls variance.plot_variance: figures.plot_variance."""
+    import figures
+    figures.plot_variance(records, path)
+
+
+# ----------------------------------------------------------------------------- standalone table
+def ppots_floor(t_grid, m, g):
+    """The smallest variance of the training draw under any unbiased t-law: (int √m)^2 - (int g)^2
+    over [0, 1]. The second moment is at least (int √m)^2 (samplers.PPOTSCore's argument) and
+    every unbiased law has the same mean int g. m is extended below the grid by its 1/p law
+    (samplers.extended_sqrt_m) and held flat above it; g, which stays finite as t -> 0, is held
+    flat beyond both ends."""
+    t, g = torch.as_tensor(t_grid, dtype=torch.float64), torch.as_tensor(g, dtype=torch.float64)
+    _, root = samplers.curve_integrals(t, torch.as_tensor(m, dtype=torch.float64).sqrt())
+    mean = torch.trapezoid(g, t) + t[0] * g[0] + (1 - t[-1]) * g[-1]
+    return root ** 2 - mean.item() ** 2
+
+
+def _ci(ci, scale=1.0):
+    """'est [lo, hi]' of a stats.bootstrap interval, divided by scale."""
+    return f"{ci['est'] / scale:.3g} [{ci['lo'] / scale:.3g}, {ci['hi'] / scale:.3g}]"
+
+
+def _print_aligned(lines):
+    """Rows of strings as right-aligned columns, two spaces apart."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def _print_table(target, cis, rows, res, n):
+    """One target's A, B, C, total as 'est [lo, hi]' in a common unit (a power of 1000)."""
+    keys = ("A", "B", "C", "total")
+    top = max(abs(v) for r in rows for k in keys for v in cis[(*r, k)].values()) or 1.0
+    scale = 10.0 ** (3 * math.floor(math.log10(top) / 3))
+    loss = target == "loss"
+    print(f"\n{target}: variance components in units of {scale:.0e}, est [95 % interval], "
+          f"bootstrap over the {n} x0s" + (", and batch_var" if loss else ""))
+    _print_aligned([["sampler", "masking", *keys] + ["batch_var"] * loss] + [
+        [*r, *(_ci(cis[(*r, k)], scale) for k in keys)]
+        + [f"{res['loss', r]['batch_var']:.3g}"] * loss for r in rows])
 
 
 def main(argv):
-    """Table of A, B, C, total, batch_var for every t-sampler x masking on one checkpoint."""
-    import samplers  # the t-laws; only the standalone needs them (train.py passes its own sampler)
-    cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, device="cpu", seed=0), argv)
+    """Per target (loss, grad): A, B, C, total with x0-bootstrap intervals for every t-sampler x
+    masking, the paired A ratios of MIRROR and pair to standard, and P-POTS's measured total
+    against its floor on the same x0s; components_vs_t.png from the P-POTS curves."""
+    import figures
+    cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, grad_n_x0=16,
+                         n_proj=4, n_boot=4000, device="cpu", seed=0), argv)
+    start = time.time()
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
     task = task_from_config(ckpt["config"])
-    kw = dict(n_x0=cfg["n_x0"], n_t=cfg["n_t"], n_masks=cfg["n_masks"], n_batches=cfg["n_batches"])
-    rows = lambda m: ckpt["config"]["batch_size"] // (  # train.py's x0 rows per step (matched_compute)
-        2 if m in ("mirror", "pair") and ckpt["config"].get("matched_compute") else 1)
-    gen = lambda: torch.Generator().manual_seed(cfg["seed"])  # same data for every row of the table
-    print(f"{'sampler':>10} {'masking':>8} {'A':>10} {'B':>10} {'C':>10} {'total':>10} {'batch_var':>10}")
-    row = lambda s, m, r: print(f"{s:>10} {m:>8} " + " ".join(f"{r[k]:10.4g}" for k in
-                                                              ("A", "B", "C", "total", "batch_var")))
-    if ckpt["model_args"].get("causal"):
-        row("ARM", "-", measure(model, task, None, generator=gen(), batch_size=rows("standard"), **kw))
-        return
-    res, curves = {}, {}
-    for s, m in tqdm([(s, m) for m in MODES for s in ("uniform", "stratified", "ppots")], desc="variance"):
-        if s == "ppots":  # fitted once per masking, on the same weights
-            curves[m] = samplers.measure_curve(model, task, MaskSpec(m), generator=gen())
-            sampler = samplers.PPOTSSampler(curves[m]["t"], curves[m]["m"].sqrt())  # = build_ppots, curve kept
+    n_x0 = {"loss": cfg["n_x0"], "grad": cfg["grad_n_x0"]}
+    kw = dict(n_t=cfg["n_t"], n_masks=cfg["n_masks"], n_batches=cfg["n_batches"],
+              n_proj=cfg["n_proj"], keep_draws=True)
+    batch_rows = lambda mode: ckpt["config"]["batch_size"] // (  # train.py's x0 rows per step
+        2 if mode in ("mirror", "pair") and ckpt["config"].get("matched_compute") else 1)
+    gen = lambda shift=0: torch.Generator().manual_seed(cfg["seed"] + shift)  # gen(): same x0s
+    causal = ckpt["model_args"].get("causal")
+    names = ("uniform", "stratified", "ppots")
+    rows = [("ARM", "-")] if causal else [(s, mode) for mode in MODES for s in names]
+    res, curves, fitted = {}, {}, {}
+    for s, mode in tqdm(rows, desc="variance"):
+        spec = MaskSpec("standard" if causal else mode)
+        if s == "stratified":  # one row's law is uniform's (Sampler.marginal), so with the same
+            # generator its per-draw A, B, C are uniform's, draw for draw: only the batch changes
+            res["grad", (s, mode)] = res["grad", ("uniform", mode)]
+            res["loss", (s, mode)] = {**res["loss", ("uniform", mode)], "batch_var": _batch_var(
+                model, task, samplers.make_sampler(s), spec, batch_rows(mode), cfg["n_batches"],
+                gen(), 1024)}
+            continue
+        if s == "ppots":  # fitted on other x0s (gen(1)); the floor's curve on the table's x0s
+            fit_curve = samplers.measure_curve(model, task, spec, generator=gen(1))
+            fitted[mode] = samplers.PPOTSSampler(fit_curve["t"], fit_curve["m"].sqrt())
+            curves[mode] = samplers.measure_curve(model, task, spec, n_x0=cfg["n_x0"],
+                                                  n_masks=cfg["n_masks"], generator=gen(),
+                                                  keep_draws=True)
+            sampler = fitted[mode]
         else:
-            sampler = samplers.make_sampler(s)
-        res[s, m] = measure(model, task, sampler, MaskSpec(m), generator=gen(), batch_size=rows(m), **kw)
-    for (s, m), r in res.items():
-        row(s, m, r)
-    for s in ("uniform", "stratified", "ppots"):
-        ratio = lambda m: res[s, m]["A"] / res[s, "standard"]["A"]
-        print(f"MIRROR {s:>10}: A_mirror / A_standard = {ratio('mirror'):.3f}  (pair {ratio('pair'):.3f}; "
-              f"theory: mirror <= 1/2, pair = 1/2)")
-    for m, cv in curves.items():  # p ~ sqrt(m), w = 1/p minimises E[(l w)^2] to (int sqrt m)^2
-        floor = (torch.trapezoid(cv["m"].sqrt(), cv["t"]) ** 2 - torch.trapezoid(cv["g"], cv["t"]) ** 2).item()
-        r = res["ppots", m]  # any unbiased t-law has E_t[l w | x0] = int g(x0, t) dt: C is fixed, so
-        # the floor on A+B is floor - C
-        print(f"P-POTS {m:>8}: theory min (int sqrt m)^2 - (int g)^2 = {floor:.4g} of A+B+C, so A+B >= "
-              f"{floor - r['C']:.4g} | measured A+B = {r['A'] + r['B']:.4g}, A+B+C = {r['total']:.4g}")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for m, cv in curves.items():
-        axes[0].plot(cv["t"], cv["g"], label=m)
-        axes[1].plot(cv["t"], cv["v"], label=m)
-    axes[0].set(xlabel="t", title="g(t) = E[l | t]")
-    axes[1].set(xlabel="t", title="v(t) = Var(l | t, x0): the per-t A integrand", yscale="log")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg["out_dir"], "components_vs_t.png"), dpi=120)
-    print(f"wrote {os.path.join(cfg['out_dir'], 'components_vs_t.png')}")
+            sampler = None if causal else samplers.make_sampler(s)
+        for target in ("loss", "grad"):
+            res[target, (s, mode)] = measure(model, task, sampler, spec, n_x0[target],
+                                             target=target, generator=gen(),
+                                             batch_size=batch_rows(mode), **kw)
+    per_x0 = {mode: ((cv["draws"] ** 2).mean(2).numpy(), cv["draws"].mean(2).numpy())
+              for mode, cv in curves.items()}  # per-x0 m and g on the grid, [n_x0, T - 1]
+
+    def stat(comps, idx, target):
+        out = {(*r, k): v for r in rows for k, v in comps[r].items()}
+        for s in names if not causal else ():
+            for mode in ("mirror", "pair"):
+                out["ratio", s, mode] = comps[s, mode]["A"] / comps[s, "standard"]["A"]
+        if target == "loss":
+            for mode, (m_x0, g_x0) in per_x0.items():
+                floor = ppots_floor(curves[mode]["t"], m_x0[idx].mean(0), g_x0[idx].mean(0))
+                out["floor", mode] = floor
+                out["above", mode] = comps["ppots", mode]["total"] / floor
+        return out
+    cis = {target: bootstrap_x0(functools.partial(stat, target=target),
+                                {r: res[target, r]["draws"] for r in rows}, cfg["n_boot"],
+                                cfg["seed"])
+           for target in ("loss", "grad")}
+    for target in ("loss", "grad"):
+        _print_table(target, cis[target], rows, res, n_x0[target])
+    if not causal:
+        print("stratified: one row's t-law is uniform's, so its rows repeat uniform's draws; "
+              "StraTS shows only in batch_var, the variance of a training batch's mean")
+        print("\nA of MIRROR and of pair over A of standard, paired on the same x0s (theory: pair "
+              "= 1/2; MIRROR <= 1/2 if a token's CE ignored the rest of the mask)")
+        pairs = [(target, mode) for target in ("loss", "grad") for mode in ("mirror", "pair")]
+        _print_aligned([["sampler", *(f"{t} {mode}/standard" for t, mode in pairs)]] + [
+            [s, *(_ci(cis[t]["ratio", s, mode]) for t, mode in pairs)] for s in names])
+        print("\nP-POTS, fitted on other x0s: predicted from its curve, then its measured total "
+              "against the floor (int √m)^2 - (int g)^2 of any unbiased t-law on the table's x0s")
+        for mode, sampler in fitted.items():
+            loss, (ours, best) = cis["loss"], sampler.second_moments()
+            print(f"{mode:>8}: predicted E[(w l)^2] x{ours:.3f} of uniform's, optimum x{best:.3f}\n"
+                  f"{'':>10}measured total {_ci(loss['ppots', mode, 'total'])}, floor "
+                  f"{_ci(loss['floor', mode])}, total / floor {_ci(loss['above', mode])}")
+        path = os.path.join(cfg["out_dir"], "components_vs_t.png")
+        figures.plot_components(curves, path)
+        print(f"wrote {path}")
+    print(f"variance.py took {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
