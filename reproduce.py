@@ -68,6 +68,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 from tqdm import tqdm
 
+import figures
 from configurator import configure, report_errors
 from stats import fmt_diff, paired_difference, std_ratio, verdict
 
@@ -399,25 +400,6 @@ def write_table(summary, path):
         f.write("\n".join(lines) + "\n")
 
 
-def plot(summary, path):
-    """One dot per successful seed per method, a bar at the method's mean; failed runs counted."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    methods = summary["methods"]
-    fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 2, 4))
-    for i, s in enumerate(methods.values()):
-        acc = [a for a in s["acc"] if a is not None]
-        ax.bar(i, s["acc_mean"] or 0, color="C0", alpha=0.35)
-        ax.plot(i + np.linspace(-0.15, 0.15, len(acc)), acc, "o", color="k", ms=4)
-    ax.set_xticks(range(len(methods)), [m + f"\n({len(s['failed'])} failed)" * bool(s["failed"])
-                                        for m, s in methods.items()], rotation=30, ha="right")
-    ax.set(ylabel="held-out exact match", ylim=(0, 1.02), title="one dot per seed, bar = mean")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv):
     """Run the study, reusing cached runs; write table.md, table.png and summary.json. Returns the
     number of failed runs."""
@@ -449,7 +431,7 @@ def main(argv):
     with open(os.path.join(cfg["out"], "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_table(summary, os.path.join(cfg["out"], "table.md"))
-    plot(summary, os.path.join(cfg["out"], "table.png"))
+    figures.plot_results(summary, os.path.join(cfg["out"], "table.png"))
     print(open(os.path.join(cfg["out"], "table.md")).read())
     print(f"wrote table.md, table.png and summary.json in {cfg['out']}")
     failed = [j["record"] for j in jobs if j["record"]["status"] != "ok"]

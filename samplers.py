@@ -475,8 +475,3 @@ class PPOTSSampler(PPOTSCore):
         ours, best = self.second_moments()
         return (f"ppots fit={self.fit} ({fitted}) mix={self.mix} max_weight={self.max_weight}"
                 f"{support}: E[(w l)^2] vs uniform x{ours:.3f} (optimum x{best:.3f})")
-
-    def plot(self, path):
-        """Transitional, while train.py calls sampler.plot: figures.plot_ppots(self, path)."""
-        import figures
-        figures.plot_ppots(self, path)

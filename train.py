@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import figures
 import variance
 from checkpoint import (append_log, load_checkpoint, lock_out_dir, resumed_config, rng_state,
                         save_checkpoint, set_rng_state, start_log)
@@ -45,7 +46,7 @@ from data import task_from_checkpoint, task_from_config
 from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
 from model import ModelConfig, Transformer, device_and_dtype, weight_ema
 from sample import TEXT_TEMPERATURE, accuracy, text_sample
-from samplers import SAMPLERS, build_ppots, make_sampler, sampler_from_state
+from samplers import build_ppots, make_sampler, sampler_from_state
 
 report_errors()  # bad input: one `error:` line (configurator.py)
 # -----------------------------------------------------------------------------
@@ -137,7 +138,7 @@ check_ranges(config, {
     "variance_interval": (0, None), "variance_n_x0": (2, None), "variance_n_t": (2, None),
     "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None), "sample_length": (0, None),
     "sample_block_length": (1, None)})
-for key, allowed in (("model_type", ("mdm", "arm")), ("t_sampler", tuple(SAMPLERS)), ("masking", MODES),
+for key, allowed in (("model_type", ("mdm", "arm")), ("t_sampler", ("uniform", "stratified", "clipped", "ppots")), ("masking", MODES),
                      ("ppots_fit", ("epr", "none")), ("ppots_support", ("full", "grid")),
                      ("isad_tokens", ("none", "default", "first"))):
     if config[key] not in allowed:
@@ -309,32 +310,12 @@ def gather_rows(local):
     return torch.cat(shares)
 
 
-def plot_training():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = [json.loads(line) for line in open(log_path)]
-    train = [r for r in records if "loss" in r and "variance" not in r]
-    evals = [r for r in records if "val_bits" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot([r["iter"] for r in train], [r["loss"] / math.log(2) for r in train], lw=0.8, label="train loss (w·l)")
-    ax1.plot([r["iter"] for r in evals], [r["val_bits"] for r in evals], "o-", label="val ELBO")
-    ax1.set(xlabel="iter", ylabel="bits / token", yscale="log", title=f"{model_type} {t_sampler}/{masking}")
-    ax1.legend()
-    if evals and "acc" in evals[0]:
-        ax2.plot([r["iter"] for r in evals], [r["acc"] for r in evals], "o-")
-        ax2.set(xlabel="iter", ylabel="held-out exact match", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "train.png"), dpi=120)
-    plt.close(fig)
-
-
 def finish():
     """Rank 0, after the last step: plots, text samples, and the one-line summary."""
-    plot_training()
+    figures.plot_training(log_path, os.path.join(out_dir, "train.png"), f"{model_type} {t_sampler}/{masking}")
     variance_records = [json.loads(line)["variance"] for line in open(log_path) if '"variance"' in line]
     if variance_records:
-        variance.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
+        figures.plot_variance(variance_records, os.path.join(out_dir, "variance.png"))
     final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
     acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" if "acc" in final else ""
     if not hasattr(dataset, "prompts"):  # text: show what the model writes
@@ -358,14 +339,14 @@ while True:
             sampler.refit_online()
         elif master:
             sampler = build_ppots(model, dataset, mask_spec, generator=torch.Generator().manual_seed(seed + iter_num),
-                                  fit=ppots_fit)
+                                  fit=ppots_fit, support=ppots_support)
             model.train()
         if ddp:  # rank 0 measured and fitted; every rank samples t from its fit
             state = [sampler.state_dict()]
             dist.broadcast_object_list(state, src=0)
             sampler = sampler_from_state(state[0])
         if master:
-            sampler.plot(os.path.join(out_dir, "ppots.png"))
+            figures.plot_ppots(sampler, os.path.join(out_dir, "ppots.png"))
             tqdm.write(f"iter {iter_num}: P-POTS {sampler.describe()}")
     if master and (iter_num % eval_interval == 0 and iter_num > start_iter or iter_num == max_iters or iter_num == 0):
         evaluate()

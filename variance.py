@@ -258,12 +258,6 @@ def format_line(iter_num, loss_res, grad_res=None):
     return " | ".join(parts)
 
 
-def plot_variance(records, path):
-    """Transitional, while train.py calls variance.plot_variance: figures.plot_variance."""
-    import figures
-    figures.plot_variance(records, path)
-
-
 # ----------------------------------------------------------------------------- standalone table
 def ppots_floor(t_grid, m, g):
     """The smallest variance of the training draw under any unbiased t-law: (int √m)^2 - (int g)^2
