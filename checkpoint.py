@@ -36,21 +36,25 @@ def load_checkpoint(path, device="cpu", raw=False):
     weights (resume). Config keys of older checkpoints are renamed (RENAMED)."""
     check_device(device)
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} not found (train first: python train.py --out_dir=...)")
+        raise ValueError(f"checkpoint {path} not found "
+                         f"(train first: python train.py --out_dir=...)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, a pickle that is not plain data
         raise ValueError(f"checkpoint {path} is corrupt or not a train.py checkpoint "
                          f"({type(e).__name__})") from None
-    missing = [k for k in ("model_args", "model", "config") if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in ("model_args", "model", "config")
+               if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"checkpoint {path} is not a train.py checkpoint: it has no {', '.join(missing)}")
+        raise ValueError(f"checkpoint {path} is not a train.py checkpoint: it has no "
+                         f"{', '.join(missing)}")
     ckpt["config"] = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
     try:
         model = Transformer(ModelConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt and not raw else ckpt["model"])
     except (TypeError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {path} does not match this model code ({type(e).__name__})") from None
+        raise ValueError(f"checkpoint {path} does not match this model code "
+                         f"({type(e).__name__})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -61,8 +65,9 @@ def resumed_config(config, ckpt, given):
     saved = ckpt["config"]
     for key in IMMUTABLE:
         if key in given and key in saved and config[key] != saved[key]:
-            raise ValueError(f"--{key}={config[key]!r} differs from the checkpoint's {saved[key]!r}: "
-                             f"it cannot change on resume (start a new out_dir instead)")
+            raise ValueError(f"--{key}={config[key]!r} differs from the checkpoint's "
+                             f"{saved[key]!r}: it cannot change on resume "
+                             f"(start a new out_dir instead)")
     keep = set(given) | set(NOT_RESUMED)
     return {k: config[k] if k in keep or k not in saved else saved[k] for k in config}
 
@@ -87,8 +92,8 @@ def save_checkpoint(path, state, model):
 
 
 def lock_out_dir(out_dir):
-    """Create out_dir if needed and hold its lock for the life of the process (returns the open
-    lock file, to be kept referenced). ValueError if out_dir cannot be used or a live run holds it."""
+    """Create out_dir if needed and hold its lock for the life of the process (returns the open lock
+    file, to be kept referenced). ValueError if out_dir cannot be used or a live run holds it."""
     if not out_dir:
         raise ValueError("--out_dir is empty; name a directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -138,7 +143,8 @@ def rng_state(data_gen):
     """Every random stream of a training run, for its checkpoint: torch (t, masks, init), CUDA, the
     x0 stream's own generator, python and numpy; plain types and tensors only (weights_only)."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+             "python": random.getstate(),
              "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -151,5 +157,6 @@ def set_rng_state(state, data_gen):
     data_gen.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32), *state["numpy"][1:]))
+    np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32),
+                         *state["numpy"][1:]))
     random.setstate(state["python"])

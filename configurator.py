@@ -41,7 +41,8 @@ def _typed(key, value, default):
 
 
 def _read_config_file(path):
-    """The assignments of a Python config file, as a dict; one clear error for a missing or broken file."""
+    """The assignments of a Python config file, as a dict; one clear error for a
+    missing or broken file."""
     if not os.path.isfile(path):
         raise ValueError(f"config file {path} not found")
     scope = {}
@@ -105,5 +106,6 @@ def configure_globals(scope, argv=None):
 
 
 def fail(msg):
-    """Transitional: raise ValueError(msg). Being replaced by plain `raise ValueError` everywhere."""
+    """Transitional: raise ValueError(msg). Being replaced by
+    plain `raise ValueError` everywhere."""
     raise ValueError(msg)

@@ -78,7 +78,8 @@ class SyntheticTask:
         return x0, eligible
 
     def layout(self):
-        """The prompt layout as an example and in words: ('123+456=', "3 digits, '+', 3 digits, '='")."""
+        """The prompt layout as an example and in words:
+        ('123+456=', "3 digits, '+', 3 digits, '='")."""
         digits = (torch.arange(self.n_problem_digits) + 1) % 10
         example = self.decode(self._prompt_ids(digits[None])[0])
         runs = []  # [symbol, count] for each run of digits or of one syntax character
@@ -111,9 +112,11 @@ class SyntheticTask:
         return (response_ids == self.response(prompt_ids)).all(1)
 
     def isad_positions(self, rule="default"):
-        """BoolTensor[T]: ISAD's critical set S, response positions masked more often (q = min(1, p + Delta)).
+        """BoolTensor[T]: ISAD's critical set S, response positions masked more often
+        (q = min(1, p + Delta)).
         rule 'first': the first response token, the one right after the answer delimiter '='.
-        rule 'default': the task's hardest tokens (`hard`, a slice of the response; see the subclasses)."""
+        rule 'default': the task's hardest tokens (`hard`, a slice of the response; see the
+        subclasses)."""
         if rule not in ("default", "first"):
             raise ValueError(f"unknown isad_tokens {rule!r}; choose none, default or first")
         S = torch.zeros(self.seq_len, dtype=torch.bool)
@@ -121,18 +124,20 @@ class SyntheticTask:
         return S
 
     def syntax_positions(self):
-        """BoolTensor[T]: SyRM's syntax tokens, the prompt's non-digits ('+', '='); our prompts have a
-        fixed layout, so these are fixed positions."""
+        """BoolTensor[T]: SyRM's syntax tokens, the prompt's non-digits ('+', '='); our prompts have
+        a fixed layout, so these are fixed positions."""
         prompt = self._prompt_ids(torch.zeros(1, self.n_problem_digits, dtype=torch.long))[0]
-        return torch.cat([prompt >= DIGITS.index("+"), torch.zeros(self.response_len, dtype=torch.bool)])
+        return torch.cat([prompt >= DIGITS.index("+"),
+                          torch.zeros(self.response_len, dtype=torch.bool)])
 
 
 class SortTask(SyntheticTask):
     """num_digits from 1 to 18 (the problem's digits as one int64 code). One digit is a copy task
     with 10 problems, 1 of them held out; it is allowed as the smallest case, not as a benchmark.
     ISAD default S: the middle half of the response. The middle order statistics have the most
-    entropy given the prompt (the ends are the min and max, mostly 0s and 9s), and a partly trained model
-    finds them hardest (8 digits, 150 iters: CE 0.5-0.67 nats in the middle vs 0.24-0.28 at the ends)."""
+    entropy given the prompt (the ends are the min and max, mostly 0s and 9s), and a partly trained
+    model finds them hardest (8 digits, 150 iters: CE 0.5-0.67 nats in the middle vs 0.24-0.28 at
+    the ends)."""
     name = "sort"
 
     def __init__(self, num_digits=8):
@@ -221,16 +226,16 @@ class TextTask:
             return
         unknown = set(text) - set(self.stoi)
         if unknown:
-            raise ValueError(f"data file {data_path} has {len(unknown)} characters not in the stored "
-                             f"vocabulary: {few_chars(unknown)}")
+            raise ValueError(f"data file {data_path} has {len(unknown)} characters not in the "
+                             f"stored vocabulary: {few_chars(unknown)}")
         data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
         n_train = int(0.9 * len(data))
         self.split = {"train": data[:n_train], "val": data[n_train:]}
         for name, part in self.split.items():
             if len(part) < block_size + 1:
                 raise ValueError(f"data file {data_path} is too short: its {name} split has "
-                                 f"{len(part)} chars, block_size+1 = {block_size + 1} needed (use a "
-                                 "longer file or a smaller block_size)")
+                                 f"{len(part)} chars, block_size+1 = {block_size + 1} needed "
+                                 "(use a longer file or a smaller block_size)")
 
     @staticmethod
     def _read(data_path):
@@ -248,8 +253,9 @@ class TextTask:
 
     def batch(self, n, split, generator=None):
         if self.split is None:
-            raise ValueError("this text task has no data file (it was built from a stored "
-                             "vocabulary, for sampling); give --data_path=FILE to train or evaluate")
+            raise ValueError("this text task has no data file "
+                             "(it was built from a stored vocabulary, for sampling); "
+                             "give --data_path=FILE to train or evaluate")
         if split not in self.split:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
         data = self.split[split]
@@ -279,7 +285,8 @@ TASKS = {"sort": SortTask, "add": AddTask, "text": TextTask}
 
 
 def get_task(name, **kw):
-    """Build a task by name: get_task('sort', num_digits=8), get_task('text', data_path=..., block_size=256)."""
+    """Build a task by name: get_task('sort', num_digits=8),
+    get_task('text', data_path=..., block_size=256)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name](**kw)
@@ -309,8 +316,8 @@ def task_from_checkpoint(ckpt, need_data=False):
     task = task_from_config(config)
     if task.chars != list(vocab):
         added, lacking = set(task.chars) - set(vocab), set(vocab) - set(task.chars)
-        raise ValueError(f"data file {config['data_path']} does not have the checkpoint's vocabulary "
-                         f"of {len(vocab)} characters (only in the file: {few_chars(added)}; only in "
-                         f"the checkpoint: {few_chars(lacking)}): use the training file (sampling needs no "
-                         "data file at all)")
+        raise ValueError(f"data file {config['data_path']} does not have the checkpoint's "
+                         f"vocabulary of {len(vocab)} characters (only in the file: "
+                         f"{few_chars(added)}; only in the checkpoint: {few_chars(lacking)}): "
+                         "use the training file (sampling needs no data file at all)")
     return task

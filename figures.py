@@ -51,15 +51,16 @@ def plot_training(log_path, path, title=""):
 
 
 def plot_ppots(sampler, path):
-    """A samplers.PPOTSSampler: the measured √m(t_j) and its extension beyond the grid (scaled as a
-    density on the grid), the sampler's density p(t), and uniform; the title gives the predicted
+    """A samplers.PPOTSSampler: the measured √m(t_j) and its extension beyond the grid (scaled as
+    a density on the grid), the sampler's density p(t), and uniform; the title gives the predicted
     second moments (PPOTSSampler.second_moments)."""
     u = torch.linspace(0, 1, 4097, dtype=torch.float64)
     t = sampler.t_grid
     scale = torch.trapezoid(sampler.density(t), t) / torch.trapezoid(sampler.sqrt_m, t)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(t, sampler.sqrt_m * scale, "o", ms=3, label="measured √m(t) (as a density)")
-    ax.plot(u, sampler.sqrt_m_at(u) * scale, ":", color="gray", label="√m extended (1/p law below)")
+    ax.plot(u, sampler.sqrt_m_at(u) * scale, ":", color="gray",
+            label="√m extended (1/p law below)")
     ax.plot(u, sampler.density(u), label=f"P-POTS p(t) (fit={sampler.fit}, {sampler.support})")
     ax.axhline(1.0, color="gray", ls="--", label="uniform")
     ours, best = sampler.second_moments()
@@ -123,17 +124,20 @@ def main(argv):
     ckpt_dir = cfg["ckpt"] or os.path.join(cfg["study"], "runs", "Standard_s0")
     for path in (os.path.join(cfg["run"], "log.jsonl"), os.path.join(cfg["study"], "summary.json")):
         if not os.path.isfile(path):
-            raise ValueError(f"{path} not found: run `python train.py` and `python reproduce.py` first")
+            raise ValueError(f"{path} not found: "
+                             "run `python train.py` and `python reproduce.py` first")
     os.makedirs(cfg["assets"], exist_ok=True)
     out = lambda name: os.path.join(cfg["assets"], name)
     plot_training(os.path.join(cfg["run"], "log.jsonl"), out("train.png"), "python train.py")
     plot_results(json.load(open(os.path.join(cfg["study"], "summary.json"))), out("results.png"))
     model, ckpt = load_checkpoint(os.path.join(ckpt_dir, "ckpt.pt"))
     task = task_from_checkpoint(ckpt)
-    curves = {mode: measure_curve(model, task, MaskSpec(mode), generator=torch.Generator().manual_seed(cfg["seed"]))
+    curves = {mode: measure_curve(model, task, MaskSpec(mode),
+                                  generator=torch.Generator().manual_seed(cfg["seed"]))
               for mode in ("standard", "pair", "mirror")}
     plot_components(curves, out("components.png"))
-    plot_ppots(PPOTSSampler(curves["standard"]["t"], curves["standard"]["m"].sqrt()), out("ppots.png"))
+    plot_ppots(PPOTSSampler(curves["standard"]["t"], curves["standard"]["m"].sqrt()),
+               out("ppots.png"))
     print(f"wrote train.png, results.png, components.png and ppots.png in {cfg['assets']}")
 
 

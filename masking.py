@@ -30,7 +30,8 @@ def uniform_like(x, generator=None):
 
 
 def per_token(p):
-    """Masking probabilities broadcastable to [B, T]: one per row ([B] -> [B, 1]) or one per token."""
+    """Masking probabilities broadcastable to [B, T]: one per row ([B] -> [B, 1])
+    or one per token."""
     return p[:, None] if p.dim() == 1 else p
 
 
@@ -100,7 +101,8 @@ def arm_loss(logits, x0, eligible):
 
 @dataclass(frozen=True, eq=False)
 class MaskSpec:
-    """How a batch is masked: the mode, and the options of the supplementary methods (off by default).
+    """How a batch is masked: the mode, and the options of the supplementary methods
+    (off by default).
 
       mode        standard (one view) | mirror | pair (two views, loss = their mean)
       isad        ISAD's critical set S, BoolTensor[T] or [B, T]; None = off
@@ -127,7 +129,8 @@ class MaskSpec:
         return 1 if self.mode == "standard" else 2
 
     def __str__(self):
-        return "+".join([self.mode] + ["isad"] * (self.isad is not None) + ["syrm"] * (self.syntax is not None))
+        return "+".join([self.mode] + ["isad"] * (self.isad is not None)
+                        + ["syrm"] * (self.syntax is not None))
 
 
 def draw_masks(eligible, t, spec=MaskSpec(), generator=None):
@@ -161,7 +164,7 @@ def row_losses(model, x0, eligible, t, spec=MaskSpec(), generator=None, masks=No
     return loss.view(k, -1).mean(0)
 
 
-# ----------------------------------------------------------------------------- supplementary: ISAD, SyRM
+# ------------------------------------------------------------------------ supplementary: ISAD, SyRM
 def isad_rates(p, critical, delta):
     """ISAD's per-token masking rates, FloatTensor[B, T]: q_j = min(1, p + delta) on the critical
     set S (`critical`, BoolTensor[T] or [B, T]) and q_j = p elsewhere; p is one rate per row, [B].
@@ -216,5 +219,5 @@ def mask_spec_from_config(config, task):
     for syrm_alpha < 1, its syntax tokens."""
     rule, alpha = config["isad_tokens"], config["syrm_alpha"]
     return MaskSpec(config["masking"], isad=None if rule == "none" else task.isad_positions(rule),
-                    isad_delta=config["isad_delta"], syntax=task.syntax_positions() if alpha < 1 else None,
-                    syrm_alpha=alpha)
+                    isad_delta=config["isad_delta"],
+                    syntax=task.syntax_positions() if alpha < 1 else None, syrm_alpha=alpha)

@@ -102,7 +102,8 @@ class Transformer(nn.Module):
 
 
 def check_device(device):
-    """ValueError unless `device` ('' = auto) names a device this machine has: cpu, cuda[:N], mps."""
+    """ValueError unless `device` ('' = auto) names a device this machine has:
+    cpu, cuda[:N], mps."""
     if not device or device == "cpu":
         return
     try:
@@ -110,10 +111,12 @@ def check_device(device):
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU (or this torch "
-                         f"{torch.__version__} has no CUDA support): use --device=cpu")
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU "
+                         f"(or this torch {torch.__version__} has no CUDA support): "
+                         f"use --device=cpu")
     if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+        raise ValueError(f"device {device!r} asked for, but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' asked for, but Apple's MPS backend is not available here")
     if kind not in ("cuda", "mps"):
@@ -129,21 +132,24 @@ def device_and_dtype(device="", dtype=""):
     check_device(device)
     if dtype not in ("", "float32", "bfloat16", "float16"):
         raise ValueError(f"unknown --dtype={dtype}; use float32, bfloat16 or float16")
-    device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available()
+                        else "mps" if torch.backends.mps.is_available() else "cpu")
     device_type = "cuda" if "cuda" in device else device
     if not dtype:
         native_bf16 = device_type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         dtype = "float32" if device_type != "cuda" else "bfloat16" if native_bf16 else "float16"
     ptdtype = getattr(torch, dtype)
-    return device, device_type, ptdtype, nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
+    return device, device_type, ptdtype, \
+        nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
 
 
 def weight_ema(model, decay):
-    """Weight EMA (train.py's weight_ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta after every
-    optimiser step, starting from a copy of the weights at the first update; torch's AveragedModel with
-    get_ema_multi_avg_fn, so `.module` is the averaged Transformer and `.update_parameters(model)` the step.
-    Averaging the last ~1/(1 - decay) iterates smooths the evaluated model, the standard tool against
-    run-to-run variability of what is evaluated (MDLM: 0.9999, for ~1M steps; runs of ~1000 iters want ~0.99).
+    """Weight EMA (train.py's weight_ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta
+    after every optimiser step, starting from a copy of the weights at the first update; torch's
+    AveragedModel with get_ema_multi_avg_fn, so `.module` is the averaged Transformer and
+    `.update_parameters(model)` the step. Averaging the last ~1/(1 - decay) iterates smooths the
+    evaluated model, the standard tool against run-to-run variability of what is evaluated
+    (MDLM: 0.9999, for ~1M steps; runs of ~1000 iters want ~0.99).
     decay = 0 tracks the weights exactly."""
     if not 0 <= decay < 1:
         raise ValueError(f"weight_ema_decay must be in [0, 1) (0 = off), got {decay}")

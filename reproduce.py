@@ -2,12 +2,12 @@
 method, several seeds, one table in which every comparison carries its interval. Not the paper's
 Table 1 (an 8B-scale fine-tune): every run trains a small model from scratch on a synthetic task.
 
-    python reproduce.py                    # 18 methods x 10 seeds: ~45 min on 2 CPU cores (estimate)
-    python reproduce.py --quick            # 8 methods x 2 seeds x 100 steps: ~3 min (estimate)
+    python reproduce.py                   # 18 methods x 10 seeds: ~45 min on 2 CPU cores (estimate)
+    python reproduce.py --quick           # 8 methods x 2 seeds x 100 steps: ~3 min (estimate)
     python reproduce.py --methods=Standard,P-POTS+MIRROR --seeds=5 --out=results_pm
-    python reproduce.py --jobs=16          # 16 train.py processes at once, cores // 16 threads each
-    python reproduce.py config/reproduce_gpu.py                  # a bigger preset for one GPU
-    python reproduce.py --train_args="--n_layer=1 --n_embd=32"   # extra train.py flags, applied last
+    python reproduce.py --jobs=16         # 16 train.py processes at once, cores // 16 threads each
+    python reproduce.py config/reproduce_gpu.py                 # a bigger preset for one GPU
+    python reproduce.py --train_args="--n_layer=1 --n_embd=32"  # extra train.py flags, applied last
 
 Rows. Every row trains max_iters steps of batch_size forward rows: MIRROR and pair see
 batch_size/2 clean examples per step (train.py's matched_compute=True). The -paper rows run as the
@@ -174,7 +174,8 @@ def train_flags(cfg, method, seed):
     override those), the method's flags, train_args, and Standard-2x's multiplied batch."""
     it = cfg["max_iters"]
     flags = [f"--seed={seed}", f"--max_iters={it}", f"--eval_interval={it}",
-             f"--variance_interval={it}", f"--warmup_iters={it // 10}", f"--ppots_fit_iter={it // 5}"]
+             f"--variance_interval={it}", f"--warmup_iters={it // 10}",
+             f"--ppots_fit_iter={it // 5}"]
     flags += [f"--device={cfg['device']}"] if cfg["device"] else []
     try:
         for args in (cfg["task_args"], METHODS[method], cfg["train_args"]):
@@ -202,7 +203,8 @@ def plan(cfg):
                 raise ValueError(f"{method}: train.py flags: {e}") from None
             if conf["task"] == "text":
                 raise ValueError("reproduce.py scores held-out exact match: use --task=sort or add")
-            jobs.append(dict(method=method, seed=seed, flags=flags, sig=signature(flags), conf=conf))
+            jobs.append(dict(method=method, seed=seed, flags=flags, sig=signature(flags),
+                             conf=conf))
     return jobs
 
 
@@ -348,8 +350,9 @@ def write_table(summary, path):
     flags = " ".join(f for f in (cfg["task_args"], cfg["train_args"]) if f)
     lines = [f"# From-scratch study at matched compute, plus paper-protocol rows: held-out exact "
              f"match ({cfg['max_iters']} steps, {flags})", "",
-             row("method", "runs", "acc mean ± std", "min", "max", "per seed", "val ELBO (bits/tok)",
-                 "loss A", "loss B", "loss C", "forward rows / run", "time (s)"), row(*["---"] * 12)]
+             row("method", "runs", "acc mean ± std", "min", "max", "per seed",
+                 "val ELBO (bits/tok)", "loss A", "loss B", "loss C", "forward rows / run",
+                 "time (s)"), row(*["---"] * 12)]
     for m, s in methods.items():
         n_failed = len(s["failed"])
         runs = f"{len(s['acc']) - n_failed}" + f" + {n_failed} FAILED" * bool(n_failed)
@@ -389,13 +392,14 @@ def write_table(summary, path):
               for m, s in methods.items() for f in s["failed"]]
     lines += ["", f"{sum(len(s['acc']) for s in methods.values())} runs, {len(failed)} FAILED (not "
                   "results; retried on the next call)."] + failed
-    lines += ["", "Rows: see reproduce.py's docstring (-paper: the paper's 2x forward rows per step, "
-                  "compute control Standard-2x; ISAD-hard's tokens are this project's choice). Loss "
-                  "A, B, C: at the last step, means over seeds (ARM: A = B = 0). Forward rows: of "
-                  "training; + curve: P-POTS's measurement, no backward, outside the budget. Δ: "
-                  "difference of mean accuracy, 95 % bootstrap CI over seeds, paired permutation p; "
-                  "std ratio: std(method) / std(vs), ddof 1; 'not detectable': the CI covers 0 (1). "
-                  "Time: wall clock per run, start-up, evaluation, variance and curve included."]
+    lines += ["", "Rows: see reproduce.py's docstring (-paper: the paper's 2x forward rows per "
+                  "step, compute control Standard-2x; ISAD-hard's tokens are this project's "
+                  "choice). Loss A, B, C: at the last step, means over seeds (ARM: A = B = 0). "
+                  "Forward rows: of training; + curve: P-POTS's measurement, no backward, outside "
+                  "the budget. Δ: difference of mean accuracy, 95 % bootstrap CI over seeds, "
+                  "paired permutation p; std ratio: std(method) / std(vs), ddof 1; "
+                  "'not detectable': the CI covers 0 (1). Time: wall clock per run, start-up, "
+                  "evaluation, variance and curve included."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -437,7 +441,8 @@ def main(argv):
     failed = [j["record"] for j in jobs if j["record"]["status"] != "ok"]
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} runs FAILED (see table.md; retried on the next "
-              f"call), first: {failed[0]['method']} seed {failed[0]['seed']}: {failed[0]['reason']}",
+              f"call), first: {failed[0]['method']} seed {failed[0]['seed']}: "
+              f"{failed[0]['reason']}",
               file=sys.stderr)
     return len(failed)
 

@@ -1,7 +1,7 @@
 """Generation by iterative unmasking (LLaDA-style), and held-out accuracy.
 
-    python sample.py --out_dir=out                      # synthetic task: held-out problems + accuracy
-    python sample.py --out_dir=out --prompt=31415926=   # answer one prompt
+    python sample.py --out_dir=out                    # synthetic task: held-out problems + accuracy
+    python sample.py --out_dir=out --prompt=31415926= # answer one prompt
     python sample.py --out_dir=out --steps=4 --remasking=random --block_length=4
     python sample.py --out_dir=out-shakespeare-char-cpu --prompt=ROMEO:   # text, temperature 0.8
 
@@ -31,7 +31,8 @@ from data import task_from_checkpoint
 from masking import uniform_like
 from checkpoint import load_checkpoint
 
-TEXT_TEMPERATURE = 0.8  # the default for text samples (nanoGPT's); synthetic tasks default to greedy
+# the default for text samples (nanoGPT's); synthetic tasks default to greedy
+TEXT_TEMPERATURE = 0.8
 REMASKING = ("low_confidence", "random")
 
 
@@ -42,7 +43,8 @@ def _commit_counts(n_tokens, steps):
 
 
 def _predict(logits, temperature, generator):
-    """Token choice per position: argmax, or a Gumbel-max draw from softmax(logits / temperature)."""
+    """Token choice per position: argmax, or a Gumbel-max draw from
+    softmax(logits / temperature)."""
     if temperature <= 0:
         return logits.argmax(-1)
     u = uniform_like(logits, generator).clamp_(1e-20, 1.0)
@@ -52,15 +54,16 @@ def _predict(logits, temperature, generator):
 @torch.no_grad()
 def generate(model, prompt, response_len, steps=None, temperature=0.0, remasking="low_confidence",
              block_length=None, generator=None):
-    """prompt LongTensor[n, Tp] -> full sequences LongTensor[n, Tp + response_len], every mask filled.
-    steps (> 0) defaults to response_len (one token per step); block_length (> 0) defaults to the
-    whole response; temperature >= 0, 0 = greedy. The prompt is never changed."""
+    """prompt LongTensor[n, Tp] -> full sequences LongTensor[n, Tp + response_len], every mask
+    filled. steps (> 0) defaults to response_len (one token per step); block_length (> 0) defaults
+    to the whole response; temperature >= 0, 0 = greedy. The prompt is never changed."""
     if remasking not in REMASKING:
         raise ValueError(f"unknown remasking {remasking!r}; use low_confidence or random")
     if steps is not None and steps <= 0:
         raise ValueError(f"steps must be > 0 (or None: one token per step), got {steps}")
     if block_length is not None and block_length <= 0:
-        raise ValueError(f"block_length must be > 0 (or None: the whole response), got {block_length}")
+        raise ValueError(f"block_length must be > 0 (or None: the whole response), "
+                         f"got {block_length}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     cfg = model.config
@@ -76,7 +79,8 @@ def generate(model, prompt, response_len, steps=None, temperature=0.0, remasking
     n_blocks = math.ceil(response_len / block_length)
     steps = steps or response_len
     if steps < n_blocks:
-        raise ValueError(f"steps={steps} is fewer than the {n_blocks} blocks of length {block_length}")
+        raise ValueError(f"steps={steps} is fewer than the {n_blocks} blocks of length "
+                         f"{block_length}")
     for b in range(n_blocks):
         lo, hi = Tp + b * block_length, min(Tp + (b + 1) * block_length, Tp + response_len)
         block_steps = steps // n_blocks + (b < steps % n_blocks)
@@ -137,8 +141,8 @@ def check_flags(cfg):
     """One clear error for a sample.py flag that makes no sense, before any work."""
     t = cfg["temperature"]
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
-        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy; default {TEXT_TEMPERATURE} "
-                         f"for text, 0 for synthetic tasks), got {t!r}")
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy; "
+                         f"default {TEXT_TEMPERATURE} for text, 0 for synthetic tasks), got {t!r}")
     if cfg["steps"] < 0:
         raise ValueError(f"--steps must be >= 0 (0 = one token per step), got {cfg['steps']}")
     if cfg["block_length"] < 0:
@@ -153,8 +157,9 @@ def check_flags(cfg):
 
 def main(argv):
     """sample.py's command line (see the module docstring); bad flags raise ValueError."""
-    cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=None, remasking="low_confidence",
-                         block_length=0, num_samples=4, length=256, device="cpu", seed=1337), argv)
+    cfg = configure(dict(out_dir="out", prompt="", steps=0, temperature=None,
+                         remasking="low_confidence", block_length=0, num_samples=4, length=256,
+                         device="cpu", seed=1337), argv)
     check_flags(cfg)
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
     task = task_from_checkpoint(ckpt)
@@ -169,13 +174,16 @@ def main(argv):
         if cfg["prompt"]:
             prompt = task.encode(cfg["prompt"])[None]
         else:
-            prompt = task.prompts(cfg["num_samples"], "val", generator=torch.Generator().manual_seed(cfg["seed"]))
+            prompt = task.prompts(cfg["num_samples"], "val",
+                                  generator=torch.Generator().manual_seed(cfg["seed"]))
         x = generate(model, prompt.to(cfg["device"]), task.response_len, **gen).cpu()
         ok = task.is_correct(prompt, x[:, task.prompt_len:])
         for row, good in zip(x, ok):
-            print(f"{task.decode(row[:task.prompt_len])}{task.decode(row[task.prompt_len:])}  {'ok' if good else 'WRONG'}")
+            print(f"{task.decode(row[:task.prompt_len])}{task.decode(row[task.prompt_len:])}  "
+                  f"{'ok' if good else 'WRONG'}")
         if not cfg["prompt"]:
-            acc = accuracy(model, task, ckpt["config"]["eval_problems"], cfg["steps"] or None, cfg["block_length"] or None)
+            acc = accuracy(model, task, ckpt["config"]["eval_problems"], cfg["steps"] or None,
+                           cfg["block_length"] or None)
             print(f"held-out exact match: {acc:.3f} on {ckpt['config']['eval_problems']} problems")
         return
     for _ in range(cfg["num_samples"]):

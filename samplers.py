@@ -9,9 +9,9 @@ dt for every f, i.e. when the weighted loss estimates L itself.
     loss = (w * row_losses(model, x0, eligible, t.to(device), masking)).mean()
 
 Reading order: the Sampler interface and the three simple t-laws; the P-POTS core (measure_curve,
-the extension of m below the grid, fit_epr, PPOTSCore: measure, fit, sample; why p ∝ √m is argued
-once, in PPOTSCore); construction (build_ppots, make_sampler, sampler_from_state). Behind the seam
-at the end: PPOTSSampler, the core plus online refits and diagnostics (curve_integrals,
+the extension of m below the grid, fit_epr, PPOTSCore: measure, fit, sample; why p ∝ √m is
+argued once, in PPOTSCore); construction (build_ppots, make_sampler, sampler_from_state). Behind the
+seam at the end: PPOTSSampler, the core plus online refits and diagnostics (curve_integrals,
 second_moments, describe); a reader who skips it loses nothing of the method.
 """
 import functools
@@ -65,10 +65,10 @@ class StratifiedSampler(Sampler):
 
     n // k draws per stratum; the n % k remaining draws go to distinct strata chosen at random, so
     each stratum expects n/k draws and the estimate stays unbiased (in expectation over that
-    choice). k = None uses k = ceil(√n); k = n (the batch size) gives exactly one draw per stratum,
-    t_i = (i + u_i)/n. The draws are shuffled so that no row of a batch is tied to a stratum. Each
-    row's t is marginally U(0, 1), but the draws of one call are not independent: marginal() gives
-    the i.i.d. law that a per-draw variance decomposition needs.
+    choice). k = None uses k = ceil(√n); k = n (the batch size) gives exactly one draw per
+    stratum, t_i = (i + u_i)/n. The draws are shuffled so that no row of a batch is tied to a
+    stratum. Each row's t is marginally U(0, 1), but the draws of one call are not independent:
+    marginal() gives the i.i.d. law that a per-draw variance decomposition needs.
     """
     name, keys = "stratified", ("k",)
 
@@ -169,8 +169,8 @@ def tail_coefficients(t_grid, m):
     rows mask anything; measuring below t_1 would be noisier still), so extrapolating from m(t_1)
     alone, m(t) = m(t_1) p(t_1)/p(t), is unreliable. Instead we extrapolate with a fit: weighted
     least squares of y_j = m_j p_j = alpha p_j + beta on the points t_j <= TAIL_T (21 of the 69
-    at T = 70), weights p_j = 1/Var y_j up to a constant (the few masked
-    tokens give l^2 ∝ 1/p^2 with probability ∝ p, so Var m_j ∝ p^-3 and Var y_j ∝ 1/p_j). A drift
+    at T = 70), weights p_j = 1/Var y_j up to a constant (the few masked tokens give
+    l^2 ∝ 1/p^2 with probability ∝ p, so Var m_j ∝ p^-3 and Var y_j ∝ 1/p_j). A drift
     of the CEs with t that is linear in p goes into the slope, so beta is the t -> 0 coefficient.
     Tail integral int_0^t_1 m on that checkpoint, mean ± sd over 12 curves of 69 t x 32 x0 x 4
     masks: 0.063 ± 0.021, against 0.065 from a leave-one-out pass (each token masked alone: the
@@ -277,10 +277,10 @@ class PPOTSCore(Sampler):
     Why √m (the one statement of the argument in this repository). With m(t) = E[l^2 | t] =
     g(t)^2 + v(t) (g = E[l | t], v = Var[l | t], both over x0 and masks), the second moment of the
     estimate is E_p[(l/p)^2] = int m/p. Over densities with int p = 1 it is minimised by p*(t) ∝
-    √m(t): by Cauchy–Schwarz (int √m)^2 = (int √(m/p) √p)^2 <= int (m/p) · int p = int m/p, with
-    equality iff p ∝ √m. The minimal second moment is (int √m)^2, against int m for uniform t;
-    every unbiased p has the same mean L, so the variance drops by exactly as much as the second
-    moment.
+    √m(t): by Cauchy–Schwarz (int √m)^2 = (int √(m/p) √p)^2 <= int (m/p) · int p
+    = int m/p, with equality iff p ∝ √m. The minimal second moment is (int √m)^2, against
+    int m for uniform t; every unbiased p has the same mean L, so the variance drops by exactly
+    as much as the second moment.
 
     sqrt_m is the measured √m on t_grid (measure_curve; the paper's w(t), not the weight), taken
     as is (fit='none': extended_sqrt_m, piecewise linear on the grid, the 1/p law below it, flat
