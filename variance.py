@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 import samplers
 import stats
-from configurator import configure, report_errors
-from data import task_from_config
+from configurator import check_ranges, configure, report_errors
+from data import task_from_checkpoint
 from masking import MODES, MaskSpec, row_losses
 from checkpoint import load_checkpoint
 
@@ -303,9 +303,11 @@ def main(argv):
     import figures
     cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, grad_n_x0=16,
                          n_proj=4, n_boot=4000, device="cpu", seed=0), argv)
+    check_ranges(cfg, {"n_x0": (2, None), "n_t": (2, None), "n_masks": (2, None), "n_batches": (2, None),
+                       "grad_n_x0": (2, None), "n_proj": (1, None), "n_boot": (100, None)})
     start = time.time()
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
-    task = task_from_config(ckpt["config"])
+    task = task_from_checkpoint(ckpt)
     n_x0 = {"loss": cfg["n_x0"], "grad": cfg["grad_n_x0"]}
     kw = dict(n_t=cfg["n_t"], n_masks=cfg["n_masks"], n_batches=cfg["n_batches"],
               n_proj=cfg["n_proj"], keep_draws=True)
