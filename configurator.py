@@ -103,9 +103,3 @@ def configure_globals(scope, argv=None):
     config = configure({k: scope[k] for k in keys}, sys.argv[1:] if argv is None else argv)
     scope.update(config)
     return config
-
-
-def fail(msg):
-    """Transitional: raise ValueError(msg). Being replaced by
-    plain `raise ValueError` everywhere."""
-    raise ValueError(msg)

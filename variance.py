@@ -303,8 +303,9 @@ def main(argv):
     import figures
     cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, grad_n_x0=16,
                          n_proj=4, n_boot=4000, device="cpu", seed=0), argv)
-    check_ranges(cfg, {"n_x0": (2, None), "n_t": (2, None), "n_masks": (2, None), "n_batches": (2, None),
-                       "grad_n_x0": (2, None), "n_proj": (1, None), "n_boot": (100, None)})
+    check_ranges(cfg, {"n_x0": (2, None), "n_t": (2, None), "n_masks": (2, None),
+                       "n_batches": (2, None), "grad_n_x0": (2, None), "n_proj": (1, None),
+                       "n_boot": (100, None)})
     start = time.time()
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
     task = task_from_checkpoint(ckpt)
