@@ -27,6 +27,7 @@ CELLS = 4096  # P-POTS tabulates p on 4096 equal cells of its support
 FINE = 16 * CELLS  # midpoint-rule cells of [0, 1] for second_moments' int p w^2 m
 TAIL_T = 0.3  # the 1/p law of m below the grid is fitted on the grid points with t <= TAIL_T
 EPR_NAMES = ("a", "b", "A", "kappa", "r", "q", "m")
+SAMPLERS = ("uniform", "stratified", "clipped", "ppots")  # the t-laws, by name
 
 
 class Sampler:
@@ -381,10 +382,9 @@ def build_ppots(model, task, masking=MaskSpec(), generator=None, T=70, n_x0=32, 
 
 
 def make_sampler(name, **kw):
-    """A sampler by name: uniform, stratified (k=), clipped (lo=, hi=), ppots (t_grid=, sqrt_m=,
-    ...)."""
-    laws = {"uniform": UniformSampler, "stratified": StratifiedSampler, "clipped": ClippedSampler,
-            "ppots": PPOTSSampler}
+    """A sampler by name (SAMPLERS): uniform, stratified (k=), clipped (lo=, hi=), ppots (t_grid=,
+    sqrt_m=, ...)."""
+    laws = dict(zip(SAMPLERS, (UniformSampler, StratifiedSampler, ClippedSampler, PPOTSSampler)))
     if name not in laws:
         raise ValueError(f"unknown t-sampler {name!r}; choose from {sorted(laws)}")
     return laws[name](**kw)

@@ -48,7 +48,7 @@ from data import task_from_checkpoint, task_from_config
 from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
 from model import ModelConfig, Transformer, device_and_dtype, weight_ema
 from sample import TEXT_TEMPERATURE, accuracy, text_sample
-from samplers import build_ppots, make_sampler, sampler_from_state
+from samplers import SAMPLERS, build_ppots, make_sampler, sampler_from_state
 
 report_errors()  # bad input: one `error:` line (configurator.py)
 # -----------------------------------------------------------------------------
@@ -155,7 +155,7 @@ check_ranges(config, {
     "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None), "sample_length": (0, None),
     "sample_block_length": (1, None)})
 for key, allowed in (("model_type", ("mdm", "arm")),
-                     ("t_sampler", ("uniform", "stratified", "clipped", "ppots")),
+                     ("t_sampler", SAMPLERS),
                      ("masking", MODES),
                      ("ppots_fit", ("epr", "none")), ("ppots_support", ("full", "grid")),
                      ("isad_tokens", ("none", "default", "first"))):
