@@ -27,9 +27,10 @@ What it checks, section by section:
 - ISAD, SyRM, EMA control variate, weight EMA: rates, means, the ISAD gap when token losses read
   the context, alpha = 1 is the standard loss, the control variate leaves the gradient
   bit-identical.
-- reproduce.py and stats.py: intervals and verdicts on known cases (identical arms: CI covers 0
-  and p >= 0.05 in >= 90 % of repeats; a shifted arm is detected); failed runs are marked, never
-  0.000; a torn cache line is dropped; --jobs does not change the records.
+- study.py (through reproduce.py) and stats.py: intervals and verdicts on known cases (identical
+  arms: CI covers 0 and p >= 0.05 in >= 90 % of repeats; a shifted arm is detected); failed runs
+  are marked, never 0.000; a torn cache line is dropped; --jobs does not change the records;
+  {out} in flags is the absolute --out; a run's record keeps clipped steps, curve and epochs.
 - data.py and sample.py: the shipped corpus, a text checkpoint's stored vocabulary, temperature
   sampling, the largest correct num_digits, prompt layouts, generate()'s arguments.
 - scale: sliced masks equal one call; float32 loss under bfloat16; compile vs eager (skipped
@@ -60,6 +61,7 @@ import figures
 import reproduce
 import sample
 import stats
+import study
 import variance
 from checkpoint import load_checkpoint
 from control_variate import LossControlVariate
@@ -1176,31 +1178,43 @@ def reproduce_cli(*args):
 
 
 @pytest.mark.e2e
-def test_reproduce_records_the_final_evaluation_and_a_changed_budget_reuses_nothing(study, tmp_path,
+def test_reproduce_records_the_final_evaluation_and_a_changed_budget_reuses_nothing(study_out, tmp_path,
                                                                                    capsys):
-    recs = run_records(study)
+    recs = run_records(study_out)
     for r in recs:  # the final iteration was evaluated and its variance measured
         assert r["iter"] == 4 and 0 <= r["acc"] <= 1 and r["loss_A"] is not None and r["grad_C"] is not None
     out = tmp_path / "out"
-    cached_copy(study, out)
+    cached_copy(study_out, out)
     capsys.readouterr()
     assert reproduce.main(study_args(out, "--seeds=1", "--max_iters=5", methods=["Standard"])) == 0
     assert "0 cached" in capsys.readouterr().out  # a new budget reuses nothing
 
 
 def test_reproduce_quick_preset_loses_to_explicit_flags():
-    quick = reproduce.parse(["--quick"])
-    assert quick["seeds"] == reproduce.QUICK["seeds"] and quick["max_iters"] == reproduce.QUICK["max_iters"]
-    assert reproduce.parse(["--seeds=3", "--quick"])["seeds"] == 3
-    assert reproduce.parse([])["methods"] == list(reproduce.METHODS)
+    scratch = reproduce.SCRATCH
+    quick = study.parse(scratch, ["--quick"])
+    assert quick["seeds"] == scratch.quick["seeds"] and quick["max_iters"] == scratch.quick["max_iters"]
+    assert study.parse(scratch, ["--seeds=3", "--quick"])["seeds"] == 3
+    assert study.parse(scratch, [])["methods"] == list(scratch.methods)
 
 
 def test_reproduce_train_flags_put_method_after_task_and_extra_args_last():
-    cfg = reproduce.parse(["--methods=MIRROR", "--train_args=--masking=pair --n_layer=1"])
-    flags = reproduce.train_flags(cfg, "MIRROR", 3)
+    cfg = study.parse(reproduce.SCRATCH, ["--methods=MIRROR", "--train_args=--masking=pair --n_layer=1"])
+    flags = study.train_flags(reproduce.SCRATCH, cfg, "MIRROR", 3)
     assert flags[0] == "--seed=3" and flags[-2:] == ["--masking=pair", "--n_layer=1"]
     assert flags.index("--masking=mirror") > flags.index("--batch_size=32")
-    assert reproduce.signature(flags) != reproduce.signature(reproduce.train_flags(cfg, "MIRROR", 4))
+    assert study.signature(flags) != study.signature(study.train_flags(reproduce.SCRATCH, cfg, "MIRROR", 4))
+
+
+def test_study_flags_put_the_absolute_out_path_in_place_of_out(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.SCRATCH.methods, "Fine-tune", "--init_from={out}/pretrain/ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    cfg = study.parse(reproduce.SCRATCH, ["--out=my results", "--methods=Fine-tune",
+                                          "--task_args=--task=sort --data_path={out}/x.txt"])
+    (job,) = [j for j in study.plan(reproduce.SCRATCH, cfg) if j["seed"] == 0]
+    out = str(tmp_path / "my results")
+    assert f"--data_path={out}/x.txt" in job["flags"] and job["flags"][-1] == f"--init_from={out}/pretrain/ckpt.pt"
+    assert job["conf"]["init_from"] == f"{out}/pretrain/ckpt.pt"
 
 
 @pytest.mark.e2e
@@ -1683,22 +1697,22 @@ def run_records(out):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     assert reproduce.main(study_args(out, "--jobs=2")) == 0
     return out
 
 
-def cached_copy(study, out):
+def cached_copy(study_out, out):
     """A fresh --out holding only the study's runs.jsonl: its runs are cached there."""
     os.makedirs(out)
-    shutil.copy(study / "runs.jsonl", out / "runs.jsonl")
+    shutil.copy(study_out / "runs.jsonl", out / "runs.jsonl")
 
 
 @pytest.mark.e2e
 def test_tiny_study_writes_every_row_with_intervals_and_claims_and_a_second_call_trains_nothing(
-        study, capsys):
-    table = (study / "table.md").read_text()
+        study_out, capsys):
+    table = (study_out / "table.md").read_text()
     for m in STUDY_METHODS:
         assert f"| {m} | 2 | " in table
     assert "| Δ mean acc [95 % CI], p | Δ | std ratio [95 % CI] | std |" in table
@@ -1710,40 +1724,40 @@ def test_tiny_study_writes_every_row_with_intervals_and_claims_and_a_second_call
                      r".+ \| (holds|does not hold): best Standard \d\.\d{3}, worst P-POTS\+MIRROR "
                      r"\d\.\d{3} \|\n", table)
     assert "no p-value can go below 0.5" in table and "0 FAILED" in table
-    summary = json.load(open(study / "summary.json"))
+    summary = json.load(open(study_out / "summary.json"))
     rows = {m: (s["forward_rows"], s["curve_rows"]) for m, s in summary["methods"].items()}
     assert rows == {"Standard": (4 * 16, 0), "P-POTS+MIRROR": (4 * 8 * 2, 69 * 32 * 4 * 2)}
     (c,) = summary["comparisons"]
     assert (c["method"], c["ref"], c["seeds"]) == ("P-POTS+MIRROR", "Standard", [0, 1])
     assert c["diff"]["lo"] <= c["diff"]["diff"] <= c["diff"]["hi"] and 0 < c["diff"]["p"] <= 1
-    recs = run_records(study)
+    recs = run_records(study_out)
     assert sorted((r["method"], r["seed"]) for r in recs) == sorted((m, s) for m in STUDY_METHODS
                                                                     for s in (0, 1))
     assert all(r["status"] == "ok" and r["iter"] == 4 and r["loss_A"] is not None for r in recs)
 
-    stamps = [p.stat().st_mtime_ns for p in sorted(study.glob("runs/*/log.jsonl"))]
+    stamps = [p.stat().st_mtime_ns for p in sorted(study_out.glob("runs/*/log.jsonl"))]
     capsys.readouterr()
-    assert reproduce.main(study_args(study, "--jobs=2")) == 0
+    assert reproduce.main(study_args(study_out, "--jobs=2")) == 0
     assert "4 cached" in capsys.readouterr().out
-    assert [p.stat().st_mtime_ns for p in sorted(study.glob("runs/*/log.jsonl"))] == stamps
-    assert len(run_records(study)) == 4 and (study / "table.md").read_text() == table
+    assert [p.stat().st_mtime_ns for p in sorted(study_out.glob("runs/*/log.jsonl"))] == stamps
+    assert len(run_records(study_out)) == 4 and (study_out / "table.md").read_text() == table
 
 
 @pytest.mark.e2e
-def test_jobs_1_gives_the_records_of_jobs_2(study, tmp_path):
+def test_jobs_1_gives_the_records_of_jobs_2(study_out, tmp_path):
     """Same flags and thread count: the same numbers, to the last bit (Standard only, for time)."""
     assert reproduce.main(study_args(tmp_path, "--jobs=1", methods=["Standard"])) == 0
     key = lambda r: (r["method"], r["seed"], r["sig"], r["acc"], r["val_bits"], r["loss_A"])
-    assert sorted(map(key, run_records(tmp_path))) == sorted(key(r) for r in run_records(study)
+    assert sorted(map(key, run_records(tmp_path))) == sorted(key(r) for r in run_records(study_out)
                                                          if r["method"] == "Standard")
 
 
 @pytest.mark.e2e
 def test_a_failed_run_is_marked_failed_the_study_goes_on_and_ends_non_zero(
-        study, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(reproduce.METHODS, "Broken", "--masking=bogus")  # train.py exits 1
+        study_out, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(reproduce.SCRATCH.methods, "Broken", "--masking=bogus")  # train.py exits 1
     out = tmp_path / "out"
-    cached_copy(study, out)
+    cached_copy(study_out, out)
     assert reproduce.main(study_args(out, "--jobs=2", methods=["Standard", "Broken"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: 2 of 4 runs FAILED") and "masking" in err[-1]
@@ -1762,7 +1776,7 @@ def test_a_failed_run_is_marked_failed_the_study_goes_on_and_ends_non_zero(
 def test_final_result_rejects_non_finite_values_and_a_missing_final_evaluation(tmp_path):
     def result(*log):
         (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        return reproduce.final_result(tmp_path, 0, 4)
+        return study.final_result(tmp_path, 0, 4)
     end = {"iter": 4, "val_nats": 1.0, "val_bits": 1.4, "acc": 0.5}
     assert result({"iter": 0, "val_bits": 3.0, "acc": 0.0}, end)["acc"] == 0.5
     with pytest.raises(ValueError, match="non-finite loss .* at iteration 2"):
@@ -1773,18 +1787,31 @@ def test_final_result_rejects_non_finite_values_and_a_missing_final_evaluation(t
         result({"iter": 0, "val_bits": 3.0, "acc": 0.0})
 
 
+def test_final_result_returns_clip_frac_curve_and_epochs_when_logged(tmp_path):
+    log = [{"iter": 0, "val_bits": 3.0, "acc": 0.0}, {"iter": 2, "loss": 1.0, "clip_frac": 0.5},
+           {"iter": 2, "val_bits": 2.0, "acc": 0.25, "epoch": 1.5}, {"iter": 4, "loss": 0.5, "clip_frac": 0.0},
+           {"iter": 4, "val_nats": 1.0, "val_bits": 1.4, "acc": 0.5, "epoch": 3.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    res = study.final_result(tmp_path, 0, 4)
+    assert (res["acc"], res["clip_frac"], res["epochs"]) == (0.5, 0.25, 3.0)
+    assert res["curve"] == [[0, 0.0], [2, 0.25], [4, 0.5]]
+    (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 4, "val_bits": 1.4, "acc": 0.5}) + "\n")
+    res = study.final_result(tmp_path, 0, 4)
+    assert (res["clip_frac"], res["epochs"], res["curve"]) == (None, None, [[4, 0.5]])
+
+
 def test_claims_follow_the_intervals_over_the_seeds_where_both_runs_succeeded(tmp_path):
     base = [0.30, 0.50, 0.40, 0.60, 0.45, 0.55]
     arms = {"Standard": base,
             "P-POTS+MIRROR": [0.8 + 0.1 * (b - 0.45) if s != 3 else None  # seed 3 failed
                               for s, b in enumerate(base)],  # higher, std x 0.1, min 0.785
             "P-POTS+MIRROR-paper": [0.05, 0.35, 0.25, 0.30, 0.20, 0.40]}  # lower, std x 1.15
-    jobs = [dict(method=m, seed=s, conf=reproduce.train_config([]), record=dict(
+    jobs = [dict(method=m, seed=s, conf=study.train_config([]), record=dict(
         status="failed" if a is None else "ok", seed=s, acc=a, reason="exit 1", val_bits=1.0,
         loss_A=None, loss_B=None, loss_C=None, seconds=1.0))
         for m, accs in arms.items() for s, a in enumerate(accs)]
     cfg = dict(methods=list(arms), seeds=6, max_iters=10, task_args="", train_args="")
-    summary = reproduce.summarise(cfg, jobs)
+    summary = study.summarise(reproduce.SCRATCH, cfg, jobs)
     ours, paper = summary["comparisons"]  # each against Standard; Standard-2x is not in the study
     assert (ours["ref"], ours["seeds"], paper["seeds"]) == ("Standard", [0, 1, 2, 4, 5], [*range(6)])
     assert ours["diff"]["diff"] == pytest.approx(0.359)
@@ -1796,9 +1823,11 @@ def test_claims_follow_the_intervals_over_the_seeds_where_both_runs_succeeded(tm
     assert paper["claims"]["mean_up"] == "contradicted"
     assert paper["claims"]["std_down"] == "not detectable"
     assert summary["methods"]["P-POTS+MIRROR"]["failed"] == [dict(seed=3, reason="exit 1")]
-    reproduce.write_table(summary, tmp_path / "table.md")
+    study.write_table(reproduce.SCRATCH, summary, tmp_path / "table.md")
     table = (tmp_path / "table.md").read_text()
     assert "| P-POTS+MIRROR | 5 + 1 FAILED | 0.799 ± 0.010 | " in table
+    assert "| loss C | clipped steps | forward rows / run |" in table
+    assert summary["methods"]["Standard"]["clip_frac"] is None  # no record logged it: "—"
     assert "0.795 FAILED 0.800" in table
     assert "| P-POTS+MIRROR | Standard | 5 | +0.359 [+0.276, +0.467], p = 0.062 | higher | " in table
     assert "| P-POTS+MIRROR | Standard | holds | holds | holds: best Standard 0.600, worst " in table
@@ -1808,9 +1837,9 @@ def test_claims_follow_the_intervals_over_the_seeds_where_both_runs_succeeded(tm
 
 
 @pytest.mark.e2e
-def test_a_torn_last_line_is_dropped_and_a_corrupt_middle_line_is_named(study, tmp_path, capsys):
+def test_a_torn_last_line_is_dropped_and_a_corrupt_middle_line_is_named(study_out, tmp_path, capsys):
     out = tmp_path / "torn"
-    cached_copy(study, out)
+    cached_copy(study_out, out)
     good = (out / "runs.jsonl").read_text()
     with open(out / "runs.jsonl", "a") as f:
         f.write('{"method": "Standard", "se')  # a study killed mid-write
@@ -1836,21 +1865,22 @@ def test_bad_input_is_one_value_error_before_anything_is_written(tmp_path, monke
                           ([f"--out={tmp_path / 'file' / 'sub'}"], "is a file, not a directory")]:
         with pytest.raises(ValueError, match=needle):
             reproduce.main([f"--out={out}", "--methods=Standard", *extra])
-    monkeypatch.setattr(reproduce.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(study.os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match="is not writable"):
         reproduce.main([f"--out={out}"])
     assert not out.exists() and (tmp_path / "file").read_text() == "keep"
 
 
 def test_standard_2x_doubles_the_study_batch_and_forward_rows_follow_the_flags():
-    cfg = reproduce.parse(["--methods=Standard-2x,MIRROR,MIRROR-paper,P-POTS",
-                           "--task_args=--task=sort --batch_size=24", "--max_iters=100"])
-    rows = {j["method"]: reproduce.forward_rows(j["conf"])
-            for j in reproduce.plan(cfg) if j["seed"] == 0}
+    scratch = reproduce.SCRATCH
+    cfg = study.parse(scratch, ["--methods=Standard-2x,MIRROR,MIRROR-paper,P-POTS",
+                                "--task_args=--task=sort --batch_size=24", "--max_iters=100"])
+    rows = {j["method"]: study.forward_rows(j["conf"], scratch.curve_rows)
+            for j in study.plan(scratch, cfg) if j["seed"] == 0}
     assert rows == {"Standard-2x": (100 * 48, 0), "MIRROR": (100 * 12 * 2, 0),
                     "MIRROR-paper": (100 * 24 * 2, 0), "P-POTS": (100 * 24, 8832)}
-    cfg = reproduce.parse(["--methods=Standard-2x", "--train_args=--batch_size=40"])
-    assert reproduce.train_flags(cfg, "Standard-2x", 0)[-2:] == ["--batch_size=40", "--batch_size=80"]
+    cfg = study.parse(scratch, ["--methods=Standard-2x", "--train_args=--batch_size=40"])
+    assert study.train_flags(scratch, cfg, "Standard-2x", 0)[-2:] == ["--batch_size=40", "--batch_size=80"]
 
 
 # ----------------------------------------------------------------------------- variance.py and samplers.py: StraTS, the P-POTS tail and support, x0 intervals
