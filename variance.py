@@ -261,7 +261,7 @@ def format_line(iter_num, loss_res, grad_res=None):
 # ----------------------------------------------------------------------------- standalone table
 def ppots_floor(t_grid, m, g):
     """The smallest variance of the training draw under any unbiased t-law: (int √m)^2 - (int g)^2
-    over [0, 1]. The second moment is at least (int √m)^2 (samplers.PPOTSCore's argument) and
+    over [0, 1]. The second moment is at least (int √m)^2 (docs/variance.md, "Why p ∝ √m") and
     every unbiased law has the same mean int g. m is extended below the grid by its 1/p law
     (samplers.extended_sqrt_m) and held flat above it; g, which stays finite as t -> 0, is held
     flat beyond both ends."""
