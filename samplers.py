@@ -1,20 +1,17 @@
 """Masking-rate (t) samplers for MDM training: uniform, stratified (StraTS), clipped and P-POTS.
 
 The MDM loss is L = int_0^1 E[l | t] dt (l = masking.row_losses). A sampler draws t_1..t_n with
-weights w_i and train.py minimises mean_i w_i l(t_i). It is unbiased when E[w f(t)] = int_0^1 f(t)
-dt for every f, i.e. when the weighted loss estimates L itself.
+weights w_i and train.py minimises mean_i w_i l(t_i): unbiased when E[w f(t)] = int_0^1 f(t) dt
+for every f, i.e. when the weighted loss estimates L itself.
 
     sampler = make_sampler("stratified")          # P-POTS: build_ppots(model, task)
     t, w = sampler.sample(batch_size, generator)  # FloatTensor[n] each, CPU
     loss = (w * row_losses(model, x0, eligible, t.to(device), masking)).mean()
 
-Reading order: the Sampler interface and the three simple t-laws; the P-POTS core (measure_curve,
-the extension of m below the grid, fit_epr, PPOTSCore: measure, fit, sample; why p ∝ √m is
-argued once, in PPOTSCore); construction (build_ppots, make_sampler, sampler_from_state). Behind the
-seam at the end: PPOTSSampler, the core plus online refits and diagnostics (curve_integrals,
-second_moments, describe); a reader who skips it loses nothing of the method.
+Top to bottom: the interface and the three simple t-laws; the P-POTS core (measure_curve, fit_epr,
+PPOTSCore: measure, fit, sample; derivations in docs/variance.md, "P-POTS"); construction. Behind
+the seam at the end, PPOTSSampler's online refits and diagnostics: skipping them loses nothing.
 """
-import functools
 import math
 
 import numpy as np
@@ -31,10 +28,8 @@ SAMPLERS = ("uniform", "stratified", "clipped", "ppots")  # the t-laws, by name
 
 
 class Sampler:
-    """Interface: sample(n, generator) -> (t, w), the draws of one training batch; marginal(n,
-    generator) -> (t, w), n i.i.d. draws of one row's (t, w). The state is `name` plus the
-    attributes in `keys` (plain python values and tensors, so a weights_only checkpoint can hold
-    it)."""
+    """sample(n, generator) -> (t, w): one training batch's draws. The state is `name` plus the
+    attributes in `keys` (python values and tensors, so a weights_only checkpoint can hold it)."""
     name, keys = None, ()
 
     def marginal(self, n, generator=None):
@@ -62,15 +57,10 @@ class UniformSampler(Sampler):
 
 
 class StratifiedSampler(Sampler):
-    """StraTS: split [0, 1] into k equal strata and draw uniformly inside each, w = 1.
-
-    n // k draws per stratum; the n % k remaining draws go to distinct strata chosen at random, so
-    each stratum expects n/k draws and the estimate stays unbiased (in expectation over that
-    choice). k = None uses k = ceil(√n); k = n (the batch size) gives exactly one draw per
-    stratum, t_i = (i + u_i)/n. The draws are shuffled so that no row of a batch is tied to a
-    stratum. Each row's t is marginally U(0, 1), but the draws of one call are not independent:
-    marginal() gives the i.i.d. law that a per-draw variance decomposition needs.
-    """
+    """StraTS: k equal strata of [0, 1] (None: k = ceil(√n)), n // k uniform draws in each and the
+    n % k left over in distinct random strata, so each stratum expects n/k draws (unbiased); w = 1.
+    The draws are shuffled, so no row is tied to a stratum. Each row's t is U(0, 1), but the draws
+    of one call are dependent: marginal() gives the i.i.d. law a per-draw decomposition needs."""
     name, keys = "stratified", ("k",)
 
     def __init__(self, k=None):
@@ -90,13 +80,9 @@ class StratifiedSampler(Sampler):
 
 
 class ClippedSampler(Sampler):
-    """The "Clipped" baseline of the paper's Table 1: t ~ U(lo, hi), w = 1. BIASED.
-
-    It estimates (1/(hi - lo)) int_lo^hi E[l | t] dt, not the ELBO integral over [0, 1]: it never
-    sees t < lo, where the 1/p weight makes l noisiest, nor t > hi, where the model must predict
-    from (almost) nothing. Lower variance, different objective. Defaults lo = 0.1, hi = 0.9 are our
-    choice (clip 10 % at each end).
-    """
+    """The "Clipped" baseline of the paper's Table 1: t ~ U(lo, hi), w = 1. BIASED: it estimates
+    (1/(hi - lo)) int_lo^hi E[l | t] dt, skipping the noisiest t < lo and the near-blind t > hi.
+    Lower variance, different objective. lo = 0.1, hi = 0.9 (10 % off each end) are our choice."""
     name, keys = "clipped", ("lo", "hi")
 
     def __init__(self, lo=0.1, hi=0.9):
@@ -112,22 +98,14 @@ class ClippedSampler(Sampler):
 @torch.no_grad()
 def measure_curve(model, task, masking=MaskSpec(), T=70, n_x0=32, n_masks=4, generator=None,
                   batch_rows=2048, forward_rows=512, keep_draws=False):
-    """Measure m(t_j) = E[l^2 | t_j] on t_j = linspace(1/T, 1 - 1/T, T - 1) with n_x0 training
-    examples and n_masks masks each, in eval mode (the model's training flag is restored). Cost:
-    (T - 1) n_x0 n_masks clean rows, each one forward row for standard masking and two for
-    mirror/pair (both views run), so P-POTS+MIRROR's measurement costs twice P-POTS's. The masks
-    are drawn batch_rows rows at a time (pair's draws depend on it, so it stays fixed) and the
-    model runs on forward_rows rows at a time (the result does not depend on it; 512 rows are
-    faster than 2,048 on a CPU's caches: bench.py's 'P-POTS measure').
-
-    m is the plain mean of l^2 over all n_x0 * n_masks draws: unbiased for E_x0[g(x0,t)^2 +
-    v(x0,t)], so it includes the spread of g across x0. (Identity: mean l^2 = mean_x0(g^2 + v
-    (n-1)/n) with g, v the per-x0 sample mean and unbiased variance over n = n_masks masks;
-    mean_x0(g^2 + v) would overstate m by v/n.) The paper's released code uses g^2 + v of the
-    x0-averaged mean g, which drops Var_x0(g). Returns dict(t, m, g = mean_x0 g, v = mean_x0 v),
-    float32 tensors of length T - 1, and with keep_draws the losses as draws[n_x0, T - 1, n_masks]
-    (x0 first, like variance.measure's draws, for a bootstrap over x0).
-    """
+    """m(t_j) = E[l^2 | t_j] on t_j = linspace(1/T, 1 - 1/T, T - 1), from n_x0 training examples
+    times n_masks masks, in eval mode (the training flag is restored). Returns dict(t, m, g, v),
+    float32[T - 1]: m the plain mean of l^2 (docs/variance.md, "The measured m"), g and v the
+    per-x0 mean and variance over masks, averaged over x0; with keep_draws also the losses
+    draws[n_x0, T - 1, n_masks] (x0 first, for a bootstrap over x0). Cost: (T - 1) n_x0 n_masks
+    clean rows, twice that in forward rows for mirror/pair. Masks are drawn batch_rows rows at a
+    time (pair's draws depend on it); the model runs forward_rows at a time (the result does not;
+    512 is fastest on a CPU: bench.py's 'P-POTS measure')."""
     if n_masks < 2:
         raise ValueError(f"measure_curve needs n_masks >= 2 (for the variance over masks), "
                          f"got {n_masks}")
@@ -157,28 +135,11 @@ def measure_curve(model, task, masking=MaskSpec(), T=70, n_x0=32, n_masks=4, gen
 
 
 def tail_coefficients(t_grid, m):
-    """(alpha, beta) of m(t) ≈ alpha + beta / p(t), p = mask_rate(t), fitted on the grid points
-    with t <= TAIL_T (at least two): the law extended_sqrt_m uses below the first grid point.
-
-    The law. With the tokens' cross-entropies CE_i fixed, l = sum_i 1{i masked} CE_i / (p P) with
-    independent Bernoulli(p) indicators, so E[l^2] = beta/p + alpha exactly, beta = sum_i CE_i^2 /
-    P^2 and alpha = sum_{i != j} CE_i CE_j / P^2 (averaged over x0): Var(l | x0, t) = (1 - p) /
-    (p P^2) sum_i CE_i^2 and m grows like 1/p as t -> 0. Below t_1 = 1/70 that tail holds beta
-    ln(p(t_1)/EPS) = 2.73 beta of int m (30 % of it on a step-250 sort checkpoint), of which a
-    flat extension keeps only m(t_1) t_1 = 0.93 beta.
-    The fit. m(t_j) is noisiest exactly there (at t_1 = 1/70 with 8 maskable tokens only ~12 % of
-    rows mask anything; measuring below t_1 would be noisier still), so extrapolating from m(t_1)
-    alone, m(t) = m(t_1) p(t_1)/p(t), is unreliable. Instead we extrapolate with a fit: weighted
-    least squares of y_j = m_j p_j = alpha p_j + beta on the points t_j <= TAIL_T (21 of the 69
-    at T = 70), weights p_j = 1/Var y_j up to a constant (the few masked tokens give
-    l^2 ∝ 1/p^2 with probability ∝ p, so Var m_j ∝ p^-3 and Var y_j ∝ 1/p_j). A drift
-    of the CEs with t that is linear in p goes into the slope, so beta is the t -> 0 coefficient.
-    Tail integral int_0^t_1 m on that checkpoint, mean ± sd over 12 curves of 69 t x 32 x0 x 4
-    masks: 0.063 ± 0.021, against 0.065 from a leave-one-out pass (each token masked alone: the
-    t -> 0 limit of beta); m(t_1) alone gives 0.068 ± 0.078. At step 50 (6 curves): 0.58 ± 0.09
-    against 0.49, m(t_1) alone 0.63 ± 0.28. A negative coefficient (noise) is set to 0 and the
-    other refitted, so the extension stays positive.
-    """
+    """(alpha, beta) of m(t) ≈ alpha + beta / p(t), p = mask_rate(t): the law of m below the grid
+    (extended_sqrt_m), exact for fixed token CEs. Weighted least squares of y_j = m_j p_j =
+    alpha p_j + beta on the grid points t_j <= TAIL_T (at least two), weights p_j ∝ 1/Var y_j; a
+    negative coefficient (noise) is set to 0 and the other refitted, so the extension stays
+    positive. Derivation and accuracy: docs/variance.md, "Below the grid"."""
     t, m = torch.as_tensor(t_grid, dtype=torch.float64), torch.as_tensor(m, dtype=torch.float64)
     k = max(2, int((t <= TAIL_T).sum()))
     p, y = mask_rate(t[:k]), m[:k] * mask_rate(t[:k])
@@ -193,8 +154,7 @@ def tail_coefficients(t_grid, m):
 
 def extended_sqrt_m(t_grid, sqrt_m, t):
     """√m at t (float64): piecewise linear on t_grid; below t_grid[0] the 1/p law of
-    tail_coefficients, √(alpha + beta / p(t)); above t_grid[-1] flat. Flat is fine near t = 1:
-    there p -> 1, m has no 1/p factor and is smooth, so over the last 1/T it barely moves."""
+    tail_coefficients, √(alpha + beta / p(t)); above t_grid[-1] flat (there m barely moves)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     t_grid, sqrt_m = (torch.as_tensor(z, dtype=torch.float64) for z in (t_grid, sqrt_m))
     alpha, beta = tail_coefficients(t_grid, sqrt_m ** 2)
@@ -203,8 +163,7 @@ def extended_sqrt_m(t_grid, sqrt_m, t):
 
 
 def epr_params(theta):
-    """Unconstrained theta[7] -> EPR parameters: a, b, A, kappa, r, q = softplus > 0;
-    m = 1 + softplus > 1."""
+    """theta[7] -> EPR parameters: a, b, A, kappa, r, q = softplus > 0; m = 1 + softplus > 1."""
     sp = F.softplus(theta)
     return dict(zip(EPR_NAMES, (*sp[:6], 1 + sp[6])))
 
@@ -218,8 +177,7 @@ def epr_log_density(t, a, b, A, kappa, r, q, m):
 
 
 def log_normalise(log_p, t):
-    """log p - log int p (trapezoid rule on the grid t), with the max taken out before
-    exponentiating."""
+    """log p - log int p (trapezoid rule on the grid t; the max is taken out before exp)."""
     top = log_p.max()
     return log_p - top - torch.trapezoid((log_p - top).exp(), t).log()
 
@@ -229,14 +187,6 @@ def epr_kl(theta, t, target):
     rule; inf where the density overflows."""
     log_p = log_normalise(epr_log_density(t, **epr_params(theta)), t)
     return torch.trapezoid(torch.xlogy(target, target) - target * log_p, t).nan_to_num(math.inf)
-
-
-def _kl_step(optimizer, theta, t, target):
-    """L-BFGS's closure: the KL at theta, with its gradient in theta.grad."""
-    optimizer.zero_grad()
-    loss = epr_kl(theta, t, target)
-    loss.backward()
-    return loss
 
 
 def fit_epr(t_grid, sqrt_m, n_starts=20, seed=0, max_iter=100):
@@ -252,7 +202,13 @@ def fit_epr(t_grid, sqrt_m, n_starts=20, seed=0, max_iter=100):
     for theta in starts:
         theta = theta.clone().requires_grad_()
         lbfgs = torch.optim.LBFGS([theta], max_iter=max_iter, line_search_fn="strong_wolfe")
-        lbfgs.step(functools.partial(_kl_step, lbfgs, theta, t, target))
+
+        def kl_step():  # L-BFGS's closure: the KL at theta, its gradient in theta.grad
+            lbfgs.zero_grad()
+            loss = epr_kl(theta, t, target)
+            loss.backward()
+            return loss
+        lbfgs.step(kl_step)
         kl = epr_kl(theta.detach(), t, target).item()
         if kl < best_kl:
             best, best_kl = theta.detach(), kl
@@ -275,30 +231,19 @@ def _float32_inside(lo, hi):
 class PPOTSCore(Sampler):
     """P-POTS, the paper's Pareto-optimal t-sampler: t ~ p(t), weight w = 1/p(t), p ∝ √m.
 
-    Why √m (the one statement of the argument in this repository). With m(t) = E[l^2 | t] =
-    g(t)^2 + v(t) (g = E[l | t], v = Var[l | t], both over x0 and masks), the second moment of the
-    estimate is E_p[(l/p)^2] = int m/p. Over densities with int p = 1 it is minimised by p*(t) ∝
-    √m(t): by Cauchy–Schwarz (int √m)^2 = (int √(m/p) √p)^2 <= int (m/p) · int p
-    = int m/p, with equality iff p ∝ √m. The minimal second moment is (int √m)^2, against
-    int m for uniform t; every unbiased p has the same mean L, so the variance drops by exactly
-    as much as the second moment.
-
-    sqrt_m is the measured √m on t_grid (measure_curve; the paper's w(t), not the weight), taken
-    as is (fit='none': extended_sqrt_m, piecewise linear on the grid, the 1/p law below it, flat
-    above it) or through its EPR fit (fit='epr', the paper's method; the fit sees the grid only).
-    p is tabulated as a piecewise-constant density on CELLS equal cells of the support (cell
-    averages of the curve by the trapezoid rule). Inverse-CDF sampling with linear interpolation
-    of the CDF inside a cell draws exactly that p, so w = 1/p(t) is exactly unbiased.
-    Options (the defaults keep it unbiased):
-      support    'full': t in [0, 1]. 'grid': t in [t_grid[0], t_grid[-1]] only, with p normalised
-                 there, so E[w f(t)] = int_{t_1}^{t_{T-1}} f: BIASED, a truncation of the ELBO
-                 integral that drops its noisiest end (t < 1/T holds about a third of int m). The
-                 paper's released sampler never draws t outside [1/T, 1 - 1/T]: this is that.
-      mix        p_mix = (1 - mix) p + mix / |support|: still unbiased (w = 1/p_mix), bounds
-                 w <= |support| / mix.
-      max_weight w = min(1/p, max_weight): BIASED (under-weights the rarely drawn t) but bounds w.
-    State: t_grid, sqrt_m, the settings and the fitted params (dict of floats; None for
-    fit='none'); every update replaces tensors (never in place), so a state_dict is a snapshot.
+    With m(t) = E[l^2 | t] the estimate's second moment is int m/p, smallest for p ∝ √m, where it
+    is (int √m)^2 against int m for uniform t (Cauchy–Schwarz: docs/variance.md, "Why p ∝ √m").
+    sqrt_m is the measured √m on t_grid (measure_curve; the paper's w(t), not the weight), used as
+    is (fit='none': extended_sqrt_m) or through its EPR fit on the grid (fit='epr', the paper's).
+    p is piecewise constant on CELLS equal cells of the support (trapezoid cell averages of the
+    curve); inverse-CDF sampling, linear inside a cell, draws exactly that p, so w = 1/p is
+    exactly unbiased. Options (the defaults keep it unbiased):
+      support    'full': t in [0, 1]. 'grid': t in [t_grid[0], t_grid[-1]], p normalised there:
+                 BIASED, it drops the integral's noisiest end (the paper's released sampler).
+      mix        p_mix = (1 - mix) p + mix / |support|: still unbiased, w <= |support| / mix.
+      max_weight w = min(1/p, max_weight): BIASED (under-weights the rarely drawn t), bounds w.
+    State: t_grid, sqrt_m, the settings and params (dict of floats; None for fit='none'); updates
+    replace tensors, never in place, so a state_dict is a snapshot.
     """
     name = "ppots"
     keys = ("t_grid", "sqrt_m", "fit", "support", "n_starts", "seed", "max_weight", "mix",
@@ -391,9 +336,8 @@ def make_sampler(name, **kw):
 
 
 def sampler_from_state(sd):
-    """Rebuild a sampler from its state_dict() alone, e.g. on resume; P-POTS gets its stored curve,
-    fitted params and bins back without re-measuring or refitting, so it samples identically.
-    A P-POTS state dict saved before the rename w_grid -> sqrt_m loads too."""
+    """Rebuild a sampler from its state_dict() alone (resume): P-POTS gets its curve, params and
+    bins back without re-measuring or refitting, so it samples identically; old w_grid dicts too."""
     if sd["name"] == "ppots":  # fit='none' is cheap; load_state_dict sets the rest
         sampler = PPOTSSampler(sd["t_grid"], torch.ones(len(sd["t_grid"])), fit="none")
     else:
@@ -405,9 +349,8 @@ def sampler_from_state(sd):
 # ----------------------------------------------------------------------------- behind the seam
 # P-POTS's online refits (not in the paper) and its diagnostics: PPOTSCore is the whole method.
 def curve_integrals(t_grid, sqrt_m, tail_cells=1024):
-    """(int_0^1 m, int_0^1 √m) of the extended curve (extended_sqrt_m): uniform t's second moment
-    and the square root of the optimum's (PPOTSCore). Exact on the grid (√m piecewise linear) and
-    above it (flat); below t_grid[0] the midpoint rule on tail_cells cells."""
+    """(int_0^1 m, int_0^1 √m) of extended_sqrt_m: uniform t's second moment and the root of the
+    optimum's. Exact on and above the grid; below it the midpoint rule on tail_cells cells."""
     t, s = (torch.as_tensor(z, dtype=torch.float64) for z in (t_grid, sqrt_m))
     h, lo, hi = t.diff(), s[:-1], s[1:]
     u = (torch.arange(tail_cells, dtype=torch.float64) + 0.5) / tail_cells * t[0]
@@ -420,8 +363,7 @@ def curve_integrals(t_grid, sqrt_m, tail_cells=1024):
 
 class PPOTSSampler(PPOTSCore):
     """PPOTSCore plus online refits from the training losses (observe, refit_online) and the
-    predicted second moments (second_moments, describe). Its state adds the online bins sum_l2
-    and count."""
+    predicted second moments (second_moments, describe). Its state adds the bins sum_l2, count."""
     keys = PPOTSCore.keys + ("sum_l2", "count")
 
     def __init__(self, *args, **kw):
@@ -429,11 +371,9 @@ class PPOTSSampler(PPOTSCore):
         self.sum_l2, self.count = torch.zeros_like(self.t_grid), torch.zeros_like(self.t_grid)
 
     def observe(self, t, loss):
-        """Online mode (not in the paper): bin the UNWEIGHTED training losses l at their t onto the
-        nearest grid point, accumulating sum l^2 and counts. O(batch) per step, no extra forward
-        pass. The l come from the current, changing model and from t ~ p rather than U(0,1); that
-        is fine because each bin estimates the conditional moment m(t_j) = E[l^2 | t ≈ t_j]. t
-        further than half a grid spacing beyond the grid's ends is ignored."""
+        """Online mode (not in the paper; no extra forward pass): add the UNWEIGHTED losses' l^2 at
+        their t to the nearest grid point's bin (t over half a spacing beyond the grid is ignored).
+        That t ~ p does not matter: each bin estimates the conditional m(t_j) = E[l^2 | t ≈ t_j]."""
         tg = self.t_grid
         edges = torch.cat([tg[:1] - (tg[1] - tg[0]) / 2, (tg[1:] + tg[:-1]) / 2,
                            tg[-1:] + (tg[-1] - tg[-2]) / 2])
@@ -444,9 +384,8 @@ class PPOTSSampler(PPOTSCore):
                                           torch.ones(int(keep.sum()), dtype=torch.float64))
 
     def refit_online(self):
-        """Refit from the bins observed since the last refit: m(t_j) = sum l^2 / count; bins with
-        no data keep the previous estimate. The bins are then emptied, so each refit sees the
-        latest model."""
+        """Refit on m(t_j) = sum l^2 / count of the bins since the last refit (an empty bin keeps
+        its estimate), then empty them, so each refit sees the latest model."""
         seen = self.count > 0
         m = torch.where(seen, self.sum_l2 / self.count.clamp(min=1), self.sqrt_m ** 2)
         self.sqrt_m = m.sqrt()
@@ -454,10 +393,8 @@ class PPOTSSampler(PPOTSCore):
         self._refit()
 
     def second_moments(self):
-        """Predicted E_p[(w l)^2] = int p w^2 m (over the support; midpoint rule on FINE cells of
-        [0, 1]) and the optimum (int √m)^2 of any unbiased t-law (PPOTSCore's argument), both
-        relative to uniform's int m (curve_integrals). m is the extended curve (extended_sqrt_m):
-        the 1/p tail below the grid is counted, not held flat."""
+        """(int p w^2 m, (int √m)^2) / int m: the predicted E_p[(w l)^2] (midpoint rule on FINE
+        cells) and any unbiased law's optimum, relative to uniform t's; m is extended_sqrt_m^2."""
         u = (torch.arange(FINE, dtype=torch.float64) + 0.5) / FINE
         m, p = self.sqrt_m_at(u) ** 2, self.density(u)
         ours = torch.where(p > 0, p * self.weight(u).double() ** 2 * m, 0.0).mean().item()
@@ -465,9 +402,8 @@ class PPOTSSampler(PPOTSCore):
         return ours / uniform, root ** 2 / uniform
 
     def describe(self):
-        """One line: the fit and the predicted ratio E_p[(w l)^2] / E_U[l^2]. That is a ratio of
-        SECOND moments: unbiased samplers share the mean, so the variance falls by (1 - ratio)
-        E_U[l^2]."""
+        """One line: the fit and second_moments (a ratio of SECOND moments: unbiased laws share the
+        mean, so the variance falls by (1 - ratio) E_U[l^2])."""
         fitted = (" ".join(f"{k}={v:.3g}" for k, v in self.params.items()) if self.params
                   else "measured curve")
         support = ("" if self.support == "full"

@@ -1,19 +1,17 @@
 """Where the variance of MDM training comes from: the paper's three-way decomposition (Eq. 2).
 
-One training draw is  l = w(t) * mdm_loss(x0, t, mask)  for a clean x0, a masking rate t (with its
-importance weight w from the t-sampler) and a random mask. With g(x0, t) = E[l | x0, t], the law of
-total variance splits Var l into
+One training draw is l = w(t) * mdm_loss(x0, t, mask) for a clean x0, a masking rate t (weight w
+from the t-sampler) and a random mask. With g(x0, t) = E[l | x0, t], the law of total variance
+splits Var l into
 
     A = E_{x0,t} Var(l | x0, t)       mask-pattern noise      (MIRROR / pair masking attack this)
     B = E_{x0} Var_t g(x0, t)         masking-rate noise      (P-POTS; StraTS across a batch)
     C = Var_{x0} E_t g(x0, t)         data noise              (what an ARM has too)
 
-measure() draws a x0 x b rates x c masks with the same sampler -> masking -> model -> mdm_loss
-calls train.py makes (the rates i.i.d. from one row's law: draw_rates), and decompose() turns the
-[a, b, c] losses into unbiased estimates of A, B, C. With target='grad' the same is done for the
-per-draw gradients (projected on a few random directions): that is the noise the optimiser
-actually feels. bootstrap_x0() gives their confidence intervals, resampling x0. Standalone, a table
-for every t-sampler x masking on one checkpoint, each number with its 95 % interval:
+measure() draws a x0 x b rates x c masks through train.py's own calls, decompose() turns the
+[a, b, c] losses (or projected gradients, target='grad') into unbiased A, B, C, and bootstrap_x0()
+gives their intervals, resampling x0 (docs/variance.md). Standalone, a table for every t-sampler x
+masking on one checkpoint, each number with its 95 % interval:
 
     python variance.py --out_dir=out [--n_x0=64 --n_t=16 --n_masks=4 --grad_n_x0=16 --n_proj=4
                                       --n_boot=4000 --device=cpu --seed=0]
@@ -40,10 +38,9 @@ PROJ_SEED = 0  # the random projection directions of target='grad' are the same 
 
 
 def x0_summary(L):
-    """The per-x0 pieces that decompose() is computed from, for losses L[a, b, c] or L[a, b, c, d]
-    (d coordinates): plug-in (ddof = 0) within-cell variance over masks averaged over t
-    (within[a, d]), variance over t of the cell means (between[a, d]) and the x0 mean (mean[a, d]),
-    numpy float64, with b and c. Resampling x0 rows of these is resampling x0 rows of L."""
+    """decompose()'s per-x0 pieces of L[a, b, c(, d)], numpy float64 [a, d]: within (ddof = 0
+    variance over masks, averaged over t), between (variance over t of the cell means) and mean,
+    with b and c. Resampling x0 rows of these is resampling x0 rows of L."""
     L = torch.as_tensor(L).detach().double().cpu()
     if L.dim() == 3:
         L = L[..., None]
@@ -70,10 +67,9 @@ def components(summary, idx=None):
 
 
 def naive_decompose(L):
-    """Plug-in A, B, C (within-cell, over-t, over-x0 variances of the sample means, no
-    corrections). They add up to the plug-in variance of all draws, but B and C are biased up by
-    the noise of the means they are computed from (B by A/c, C by B/b + A/(bc)) and down by the 1/n
-    of ddof = 0."""
+    """Plug-in A, B, C (ddof = 0 variances within cells, over t, over x0): they add up to the
+    plug-in Var of all draws, but B and C are biased up by the noise of their means (B by A/c, C by
+    B/b + A/(bc)) and down by ddof = 0."""
     s = x0_summary(L)
     A, B, C = (float(z.sum())
                for z in (s["within"].mean(0), s["between"].mean(0), s["mean"].var(0)))
@@ -81,34 +77,23 @@ def naive_decompose(L):
 
 
 def decompose(L):
-    """Unbiased A, B, C from losses L[a, b, c] (a x0s, b rates t per x0, c masks per (x0, t)).
+    """Unbiased A, B, C, total from losses L[a, b, c] (a x0s, b i.i.d. rates per x0, c masks per
+    (x0, t)); L[a, b, c, d] (d coordinates, e.g. projected gradients) gives the traces, summed
+    over d. With unbiased sample variances s2 and l_ij., l_i.. the means over masks and (t, masks):
 
-    Random-effects ANOVA: l_ijk = g_ij + e_ijk with Var e = A, and g_ij = G_i + b_ij with Var b =
-    B, Var G = C. Writing l_ij. and l_i.. for the means over masks and over (t, masks):
+        A = mean_ij s2_k(l_ijk),   S = mean_i s2_j(l_ij.),   B = S - A/c,   C = s2_i(l_i..) - S/b
 
-        A = mean_ij  s2_k(l_ijk)                    E = A                     (unbiased s2 over k)
-        S = mean_i   s2_j(l_ij.),   B = S - A/c     E[S] = B + A/c            (unbiased s2 over j)
-        C = s2_i(l_i..) - S/b                       E[s2_i] = C + B/b + A/(bc) = C + E[S]/b
-
-    so each estimate is unbiased and total = A + B + C estimates Var l. This assumes the b rates
-    of an x0 are independent draws (draw_rates). B and C can come out slightly negative by chance;
-    they are not clipped, because clipping at 0 would bias them upwards. L[a, b, c, d] (d
-    coordinates of a vector, e.g. projected gradients) gives the traces: each component summed
-    over d. An ARM's loss is a deterministic function of x0 (no t, no mask), so for it A = B = 0
-    exactly and all its variance is C.
-    """
+    (random-effects ANOVA: docs/variance.md, "The estimators"). B and C can come out slightly
+    negative by chance and are not clipped (clipping would bias them up)."""
     return components(x0_summary(L))
 
 
 def bootstrap_x0(stat, draws, n_boot=4000, seed=0, level=0.95):
-    """Bootstrap confidence intervals over x0, the unit of independence: the x0 are drawn i.i.d.
-    and every rate and mask below an x0 belongs to it, so resampling x0 rows (each with all its
-    draws) imitates a fresh measurement. draws: {name: L[a, ...]}, arrays measured on the SAME a
-    x0s (e.g. measure(..., keep_draws=True) with the same generator seed), all resampled with the
-    SAME rows, so a ratio between two of them is paired. stat(comps, idx) -> float or dict of
-    floats, with comps = {name: components of draws[name] on the rows idx}; idx is passed on so
-    that the stat can resample other per-x0 arrays with the same rows. The interval is
-    stats.bootstrap's percentile interval: dict(est, lo, hi), or {key: dict(est, lo, hi)}."""
+    """stats.bootstrap's percentile intervals over x0, the unit of independence (each resampled
+    row keeps all its draws): dict(est, lo, hi), or {key: dict(est, lo, hi)}. draws: {name:
+    L[a, ...]} on the SAME a x0s (e.g. measure(keep_draws=True) with one generator seed), all
+    resampled with the SAME rows, so ratios are paired. stat(comps, idx) -> float or dict, with
+    comps = {name: components on the rows idx}; idx lets it resample other per-x0 arrays alike."""
     summaries = {name: x0_summary(L) for name, L in draws.items()}
     sizes = {len(s["mean"]) for s in summaries.values()}
     if len(sizes) != 1:
@@ -119,18 +104,16 @@ def bootstrap_x0(stat, draws, n_boot=4000, seed=0, level=0.95):
 
 
 def draw_rates(sampler, n_x0, n_t, generator=None):
-    """(t, w), FloatTensor[n_x0, n_t] each: n_t rates per x0, all i.i.d. from one row's law
-    (sampler.marginal). decompose needs the rates of one x0 to be independent draws: the n_t draws
-    of ONE stratified sample(n_t) call are spread evenly over [0, 1], which inflates B (the spread
-    of g over the t's of an x0) and deflates C by about as much. StraTS couples the rows of a
-    batch, and measure's batch_var shows that."""
+    """(t, w), FloatTensor[n_x0, n_t] each, all i.i.d. from one row's law (sampler.marginal), as
+    decompose needs: one stratified sample(n_t) per x0 would spread them evenly, inflating B and
+    deflating C. StraTS couples a batch's rows; measure's batch_var shows that."""
     t, w = sampler.marginal(n_x0 * n_t, generator)
     return t.view(n_x0, n_t), w.view(n_x0, n_t)
 
 
 def _with_params(model, params):
-    """`model` run with the parameter tensors `params` (for forward-mode AD), as row_losses calls
-    it."""
+    """`model` run with the parameter tensors `params` (for forward-mode AD), callable as
+    row_losses calls a model."""
     def forward(idx):
         return torch.func.functional_call(model, params, (idx,))
     forward.config = model.config
@@ -138,11 +121,10 @@ def _with_params(model, params):
 
 
 def _draws(model, x0, eligible, t, w, masking, seed, max_rows, directions=None):
-    """l * w for every row: FloatTensor[R]. Rows go in chunks of max_rows; chunk i draws its masks
-    from a generator seeded seed + i, so every pass over the rows sees the same masks.
-    With `directions` (n_proj parameter dicts u): FloatTensor[R, n_proj] of <grad(l * w), u> per
-    row, each by one forward-mode pass (jvp gives J u for all rows at once; no per-row gradient is
-    ever stored). Forward AD needs the math attention kernel."""
+    """l * w per row, FloatTensor[R]; chunk i of max_rows rows draws its masks from seed + i, so
+    every pass sees the same masks. With `directions` (n_proj parameter dicts u): [R, n_proj] of
+    <grad(l * w), u>, one forward-mode jvp per u for all rows (no per-row gradient is stored;
+    forward AD needs the math attention kernel)."""
     params = {k: p.detach() for k, p in model.named_parameters()} if directions else None
     out = []
     for i, start in enumerate(range(0, len(x0), max_rows)):
@@ -178,26 +160,18 @@ def _directions(model, n_proj):
 def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4, target="loss",
             generator=None, batch_size=None, n_batches=32, n_proj=8, max_rows=1024,
             keep_draws=False):
-    """A, B, C of the training draw l * w (target='loss') or of its gradient (target='grad').
+    """A, B, C of the training draw l * w (target='loss') or of its gradient (target='grad'), from
+    n_x0 train x0s x n_t rates (draw_rates) x n_masks masks (mirror/pair: one draw = one
+    pair-averaged loss, as in training), in eval mode (training flag restored). A fixed CPU
+    generator gives identical results and, drawn first, the same x0s for the same n_x0; masks
+    come from device generators seeded from it. max_rows: x0 rows per forward pass.
 
-    n_x0 train x0s; for each, n_t rates (t, w) drawn i.i.d. from the sampler's one-row law
-    (draw_rates); for each (x0, t), n_masks mask draws (mirror/pair: one draw = one pair-averaged
-    loss, as in training). The model runs in eval mode (training flag restored). A fixed (CPU)
-    generator gives identical results, and the same x0s for the same n_x0 (x0 are drawn first);
-    masks come from device generators seeded from it. max_rows: x0 rows per forward pass (mirror
-    and pair run twice that).
-
-    target='grad': the per-draw gradient of l * w is projected on n_proj fixed random unit
-    directions u of the D-dim parameter space and decomposed per direction ([a, b, c, n_proj]).
-    Since E_u[(u.v)^2] = |v|^2 / D, the summed components are rescaled by D / n_proj: A, B, C are
-    then (noisy but unbiased) estimates of the full traces, e.g. A ~ E tr Cov(grad | x0, t).
-
-    target='loss' also gives batch_var: the variance of the batch-mean loss the optimiser sees, for
-    batches of batch_size (default n_x0) fresh x0s, t from ONE sampler.sample call per batch (so
-    StraTS shows), one mask each; unbiased over n_batches batches. The per-draw A, B, C cannot show
-    StraTS. keep_draws: also return the draws as res['draws'], float64 [n_x0, n_t, n_masks(,
-    n_proj)], for target='grad' scaled by √(D / n_proj), so that decompose(res['draws']) gives
-    res's A, B, C (bootstrap_x0 resamples them).
+    'grad' projects each draw's gradient on n_proj fixed random unit directions u of the D
+    parameters; E_u[(u.v)^2] = |v|^2 / D, so scaling by D / n_proj makes A, B, C unbiased
+    estimates of the full traces. 'loss' also gives batch_var, the unbiased variance over
+    n_batches of a training batch's mean (batch_size fresh x0s, default n_x0, t from ONE
+    sampler.sample call: where StraTS shows). keep_draws: res['draws'], float64 [n_x0, n_t,
+    n_masks(, n_proj)] ('grad': scaled by √(D / n_proj)), so decompose(res['draws']) is res.
     """
     if target not in ("loss", "grad"):
         raise ValueError(f"unknown target {target!r}; use 'loss' or 'grad'")
@@ -260,11 +234,9 @@ def format_line(iter_num, loss_res, grad_res=None):
 
 # ----------------------------------------------------------------------------- standalone table
 def ppots_floor(t_grid, m, g):
-    """The smallest variance of the training draw under any unbiased t-law: (int √m)^2 - (int g)^2
-    over [0, 1]. The second moment is at least (int √m)^2 (samplers.PPOTSCore's argument) and
-    every unbiased law has the same mean int g. m is extended below the grid by its 1/p law
-    (samplers.extended_sqrt_m) and held flat above it; g, which stays finite as t -> 0, is held
-    flat beyond both ends."""
+    """The smallest variance of the training draw under any unbiased t-law, (int √m)^2 - (int g)^2
+    over [0, 1] (docs/variance.md, "Why p ∝ √m"): m extended as samplers.extended_sqrt_m, g
+    (finite as t -> 0) held flat beyond both ends of the grid."""
     t, g = torch.as_tensor(t_grid, dtype=torch.float64), torch.as_tensor(g, dtype=torch.float64)
     _, root = samplers.curve_integrals(t, torch.as_tensor(m, dtype=torch.float64).sqrt())
     mean = torch.trapezoid(g, t) + t[0] * g[0] + (1 - t[-1]) * g[-1]
@@ -297,9 +269,8 @@ def _print_table(target, cis, rows, res, n):
 
 
 def main(argv):
-    """Per target (loss, grad): A, B, C, total with x0-bootstrap intervals for every t-sampler x
-    masking, the paired A ratios of MIRROR and pair to standard, and P-POTS's measured total
-    against its floor on the same x0s; components_vs_t.png from the P-POTS curves."""
+    """Per target: A, B, C, total with x0 intervals per t-sampler x masking, the paired A ratios of
+    MIRROR and pair to standard, P-POTS's total against its floor; components_vs_t.png."""
     import figures
     cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, grad_n_x0=16,
                          n_proj=4, n_boot=4000, device="cpu", seed=0), argv)
