@@ -20,7 +20,7 @@ from model import ModelConfig, Transformer, check_device
 
 # config keys that define the model, the data or the estimator: a resumed run must keep them
 IMMUTABLE = ("model_type", "n_layer", "n_head", "n_embd", "dropout", "bias", "task", "num_digits",
-             "block_size", "batch_size", "seed", "t_sampler", "masking", "matched_compute",
+             "block_size", "train_size", "batch_size", "seed", "t_sampler", "masking", "matched_compute",
              "ppots_fit_iter", "ppots_refit_every", "ppots_online", "ppots_fit", "ppots_support",
              "isad_tokens", "isad_delta", "syrm_alpha", "cv_bins", "cv_eta", "weight_ema_decay")
 # machine- and call-specific keys that a checkpoint never imposes on the run that resumes it
@@ -70,6 +70,20 @@ def resumed_config(config, ckpt, given):
                              f"(start a new out_dir instead)")
     keep = set(given) | set(NOT_RESUMED)
     return {k: config[k] if k in keep or k not in saved else saved[k] for k in config}
+
+
+def finetune_config(config, ckpt, given, path):
+    """The config of a fine-tuning run (init_from=path): the model's shape (model_type, n_layer,
+    n_head, n_embd, bias) is the checkpoint's; a shape flag given on the command line (`given`)
+    that differs is refused. Everything else is this run's: task, data, method, schedule."""
+    args = ckpt["model_args"]
+    shape = dict(model_type="arm" if args["causal"] else "mdm",
+                 **{k: args[k] for k in ("n_layer", "n_head", "n_embd", "bias")})
+    for key, value in shape.items():
+        if key in given and config[key] != value:
+            raise ValueError(f"--{key}={config[key]!r} differs from {path}'s {value!r}: a "
+                             f"fine-tuned model keeps its pretrained shape")
+    return {**config, **shape}
 
 
 def save_checkpoint(path, state, model):

@@ -1,29 +1,39 @@
 """Tasks, generated offline: every example is a clean sequence x0 = prompt + response, with a
 boolean `eligible` marking the maskable (response) positions.
 
-  sort  "31415926=" -> "11234569"       k digits, sorted            (T = 2k + 1)
-  add   "123+958="  -> "1081"           n-digit addition, zero-padded (T = 3n + 3)
-  text  any UTF-8 file, char-level      no prompt, every char maskable (T = block_size)
+  sort        "31415926=" -> "11234569"       k digits, sorted              (T = 2k + 1)
+  add         "123+958="  -> "1081"           n-digit addition, zero-padded (T = 3n + 3)
+  twosort     "3141=" -> "1134|4311"      k digits sorted both ways (2k + 1 answer tokens,
+                                              T = 3k + 2)
+  mix         the pretraining mixture: twosorts and additions of every size, padded with
+              '.' to the length of the n-digit twosort (T = 3n + 2)
+  text        any UTF-8 file, char-level      no prompt, every char maskable (T = block_size)
+
+twosort and mix share one vocabulary (WORKED: the digits, '+', '=', '|', '.'), so a model
+pretrained on mix fine-tunes on twosort (train.py --init_from=PATH): the laptop analogue of the
+paper's regime, with FiniteTrainSet as the finite SFT set (reproduce_sft.py).
 
 Held-out problems never appear in training: a synthetic problem is in `val` iff a fixed hash of
-the problem (its digits as an integer) falls in the bottom 10 %; `batch` rejects the others.
+the problem (its digits as an integer) falls in the bottom 10 %; `batch` rejects the others. The
+hash sees only the digits, so a held-out twosort problem is held out of mix too.
 Text is split 90/10 by position.
 
 Synthetic problems use exact int64 arithmetic, so their size is capped: a problem's digits, read
 as one integer (the split's code), must fit in int64: at most 18 digits, as 10**18 - 1 < 2**63 - 1
-< 10**19 - 1. So sort takes 1..18 digits and add 1..9 digits per operand (2n problem digits; its
-sum, < 2 * 10**9, is far inside int64). The hash never overflows: (code mod 2147483647) times
-2654435761 is below 2**62.3.
+< 10**19 - 1. So sort and twosort take 1..18 digits and add 1..9 digits per operand (2n
+problem digits; the sum, < 2 * 10**9, is far inside int64). The hash never overflows: (code mod
+2147483647) times 2654435761 is below 2**62.3.
 
 Each synthetic task also names the token sets of two supplementary methods (masking.py): ISAD's
 critical set S (isad_positions) and SyRM's prompt syntax (syntax_positions, the '+' and '=' tokens).
-Text has neither: it has no prompt and no answer to single out.
+Text and mix have neither: text has no prompt, mix no single layout.
 """
 import os
 
 import torch
 
-DIGITS = "0123456789+="  # the synthetic vocabulary; [MASK] comes last
+DIGITS = "0123456789+="  # sort and add's vocabulary; [MASK] comes last
+WORKED = DIGITS + "|."  # twosort and mix's: '|' parts a response, '.' pads one
 VAL_FRACTION = 0.1
 MAX_PROBLEM_DIGITS = 18  # a problem's digits as one int64 code: 10**18 - 1 fits, 10**19 - 1 not
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,11 +60,18 @@ def _check_num_digits(name, num_digits, largest, why):
 
 
 class SyntheticTask:
-    vocab_size = len(DIGITS) + 1
-    mask_id = len(DIGITS)
+    symbols = DIGITS  # the vocabulary; DIGITS is a prefix of WORKED, so the ids agree
+
+    @property
+    def vocab_size(self):
+        return len(self.symbols) + 1
+
+    @property
+    def mask_id(self):
+        return len(self.symbols)
 
     def decode(self, ids):
-        return "".join("_" if i == self.mask_id else DIGITS[i] for i in ids.tolist())
+        return "".join("_" if i == self.mask_id else self.symbols[i] for i in ids.tolist())
 
     def _problems(self, n, split, generator):
         """n problems (digit tensors) from `split`, by rejection on the split hash."""
@@ -101,7 +118,7 @@ class SyntheticTask:
         if not fits:
             raise ValueError(f"prompt {s!r} does not fit the {self.name} task: expected a prompt "
                              f"like {example} ({words})")
-        return torch.tensor([DIGITS.index(c) for c in s], dtype=torch.long)
+        return torch.tensor([self.symbols.index(c) for c in s], dtype=torch.long)
 
     def prompts(self, n, split, generator=None):
         """LongTensor[n, prompt_len] of held-out (val) or training prompts."""
@@ -162,7 +179,7 @@ class AddTask(SyntheticTask):
     name = "add"
 
     def __init__(self, num_digits=3):
-        _check_num_digits("add", num_digits, MAX_PROBLEM_DIGITS // 2,
+        _check_num_digits(self.name, num_digits, MAX_PROBLEM_DIGITS // 2,
                           "the 2n digits of a problem form one int64 code for the train/val split")
         self.n = num_digits
         self.n_problem_digits, self.prompt_len = 2 * num_digits, 2 * num_digits + 2
@@ -180,6 +197,118 @@ class AddTask(SyntheticTask):
         b = (prompt_ids[:, n + 1:2 * n + 1] * place).sum(1)
         out_place = 10 ** torch.arange(n, -1, -1)
         return ((a + b)[:, None] // out_place) % 10
+
+
+class TwoWaySortTask(SortTask):
+    """Sort k digits both ways: ascending, '|', descending: 2k + 1 answer tokens (25 at k = 12), a
+    long response whose every token depends on the whole prompt, the laptop stand-in for
+    GSM8K's long worked answers. ISAD default S: the middle half of the ascending run, as in
+    sort."""
+    name, symbols = "twosort", WORKED
+
+    def __init__(self, num_digits=12):
+        super().__init__(num_digits)
+        self.response_len, self.seq_len = 2 * num_digits + 1, 3 * num_digits + 2
+
+    def response(self, prompt_ids):
+        up = prompt_ids[:, :-1].sort(1).values
+        bar = torch.full((len(up), 1), WORKED.index("|"))
+        return torch.cat([up, bar, up.flip(1)], 1)
+
+
+class MixTask:
+    """The pretraining mixture, fresh data every batch: each row is, with probability 1/2 each, a
+    two-way sort (twosort of 2 to n digits) or an addition (1 to n // 2 digits per operand), the
+    size uniform within its kind; the response is padded with '.' to T = 3n + 2, the length of
+    the n-digit twosort, so one model takes both. The padding is part of the response
+    (eligible): the model learns where an answer ends, as LLaDA pads its SFT answers with EOS.
+    Every prompt names its answer's format (a '+' or not, and its length), which is why plain
+    sort is not in the mix: its prompts are twosort's. It has no single prompt layout, so no
+    held-out accuracy (train.py logs the val ELBO) and no ISAD or SyRM token sets."""
+    name, symbols = "mix", WORKED
+    vocab_size, mask_id = len(WORKED) + 1, len(WORKED)
+
+    def __init__(self, num_digits=12):
+        _check_num_digits("mix", num_digits, MAX_PROBLEM_DIGITS, "it pads to the n-digit twosort")
+        self.seq_len = 3 * num_digits + 2
+        kinds = [[TwoWaySortTask(k) for k in range(2, num_digits + 1)],
+                 [AddTask(k) for k in range(1, max(1, num_digits // 2) + 1)]]
+        self.parts = [part for kind in kinds for part in kind]
+        self.weights = torch.tensor([1 / (2 * len(kind)) for kind in kinds for _ in kind])
+
+    def batch(self, n, split, generator=None):
+        """(x0, eligible) [n, T]: row i from part `which[i]`, padded with '.' (eligible)."""
+        which = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        x0 = torch.full((n, self.seq_len), WORKED.index("."))
+        eligible = torch.ones(n, self.seq_len, dtype=torch.bool)
+        for j, part in enumerate(self.parts):
+            rows = (which == j).nonzero().squeeze(1)
+            if len(rows):
+                x, e = part.batch(len(rows), split, generator)
+                x0[rows, :x.shape[1]], eligible[rows, :x.shape[1]] = x, e
+        return x0, eligible
+
+    def decode(self, ids):
+        return "".join("_" if i == self.mask_id else WORKED[i] for i in ids.tolist())
+
+    def isad_positions(self, rule="default"):
+        raise ValueError("task=mix has no single answer layout for ISAD; use --isad_tokens=none")
+
+    def syntax_positions(self):
+        raise ValueError("task=mix has no single prompt layout for SyRM; use --syrm_alpha=1")
+
+
+TRAIN_SET_SEED = 20_251_122  # draws the finite training set: the same set for every run seed
+
+
+class FiniteTrainSet:
+    """A finite training set (train.py --train_size=N): N examples of `task`, drawn once from its
+    train split with TRAIN_SET_SEED, visited in epochs. Each epoch is a fresh permutation drawn
+    from the generator batch() is given (train.py's x0 stream), and batch(n, "train") hands out
+    the next n examples, crossing into the next epoch where one ends: every example once per
+    epoch. The val split, prompts, vocabulary and layout are the task's own (held-out problems are
+    never in the set). State (for resume): the permutation, the position in it, the examples seen.
+    """
+
+    def __init__(self, task, size):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"a finite training set needs size >= 1, got {size!r}")
+        if isinstance(task, TextTask):
+            raise ValueError("task=text is already a finite corpus: use --train_size=0")
+        self.task = task
+        self.x0, self.eligible = task.batch(size, "train",
+                                            torch.Generator().manual_seed(TRAIN_SET_SEED))
+        self.order, self.pos, self.seen = torch.arange(size), size, 0  # an epoch starts first
+
+    def __getattr__(self, name):  # everything but the train split is the task's
+        if name == "task":
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    @property
+    def epoch(self):
+        """Epochs completed, fractional: examples handed out / N."""
+        return self.seen / len(self.x0)
+
+    def batch(self, n, split, generator=None):
+        if split != "train":
+            return self.task.batch(n, split, generator)
+        take = []
+        while sum(map(len, take)) < n:
+            if self.pos == len(self.order):
+                self.order, self.pos = torch.randperm(len(self.x0), generator=generator), 0
+            part = self.order[self.pos:self.pos + n - sum(map(len, take))]
+            take.append(part)
+            self.pos += len(part)
+        idx = torch.cat(take)
+        self.seen += n
+        return self.x0[idx], self.eligible[idx]
+
+    def state_dict(self):
+        return {"order": self.order, "pos": self.pos, "seen": self.seen}
+
+    def load_state_dict(self, sd):
+        self.order, self.pos, self.seen = sd["order"], sd["pos"], sd["seen"]
 
 
 def find_data_file(path):
@@ -237,6 +366,10 @@ class TextTask:
                                  f"{len(part)} chars, block_size+1 = {block_size + 1} needed "
                                  "(use a longer file or a smaller block_size)")
 
+    @property
+    def symbols(self):  # the vocabulary, as the synthetic tasks name theirs
+        return self.chars
+
     @staticmethod
     def _read(data_path):
         path = find_data_file(data_path)
@@ -281,7 +414,8 @@ class TextTask:
                          "no syntax to add; use --syrm_alpha=1")
 
 
-TASKS = {"sort": SortTask, "add": AddTask, "text": TextTask}
+TASKS = {"sort": SortTask, "add": AddTask, "twosort": TwoWaySortTask, "mix": MixTask,
+         "text": TextTask}
 
 
 def get_task(name, **kw):
@@ -301,6 +435,28 @@ def task_from_config(config, vocab=None):
         return get_task(name, data_path=config["data_path"], block_size=config["block_size"],
                         chars=vocab)
     return get_task(name, num_digits=config["num_digits"])
+
+
+def training_set(config, task):
+    """The task train.py trains on: `task` itself, or its FiniteTrainSet of config["train_size"]
+    examples (0 = fresh examples every step)."""
+    return FiniteTrainSet(task, config["train_size"]) if config.get("train_size") else task
+
+
+def check_fits(task, name, ckpt, path):
+    """ValueError unless task `name` fits the model of checkpoint `ckpt` (train.py
+    --init_from=path): the same vocabulary, symbol for symbol, and sequences no longer than the
+    model's block_size."""
+    have, want = list(task_from_checkpoint(ckpt).symbols), list(task.symbols)
+    if have != want:
+        raise ValueError(f"{path} was trained on task={ckpt['config']['task']}, whose vocabulary "
+                         f"({len(have)} symbols: {few_chars(have, 16)}) is not task={name}'s "
+                         f"({len(want)}: {few_chars(want, 16)}): fine-tune on a task with the "
+                         f"checkpoint's vocabulary (e.g. mix -> twosort)")
+    block = ckpt["model_args"]["block_size"]
+    if task.seq_len > block:
+        raise ValueError(f"task={name} has sequences of {task.seq_len} tokens, {path}'s model "
+                         f"takes at most {block}: fine-tune on shorter sequences")
 
 
 def task_from_checkpoint(ckpt, need_data=False):

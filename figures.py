@@ -4,7 +4,8 @@
     plot_ppots(sampler, path)        measured √m against a P-POTS sampler's density and uniform
     plot_variance(records, path)     A, B, C of the loss and the gradient over training
     plot_components(curves, path)    per-t components v(t) and g(t)^2 for each masking mode
-    plot_results(summary, path)      reproduce.py's study: one dot per seed, bar = mean
+    plot_results(summary, path)      a study's table: one dot per seed, bar = mean
+    plot_sft_curves(curves, path)    reproduce_sft.py: accuracy against step and forward rows
 
 The README's figures are regenerated from real runs by
 
@@ -110,6 +111,24 @@ def plot_results(summary, path):
     ax.set_xticks(range(len(methods)), [m + f"\n({len(s['failed'])} failed)" * bool(s["failed"])
                                         for m, s in methods.items()], rotation=40, ha="right")
     ax.set(ylabel="held-out exact match", ylim=(0, 1.02), title="one dot per seed, bar = mean")
+    _save(fig, path)
+
+
+def plot_sft_curves(curves, path):
+    """reproduce_sft.py: held-out exact match against SFT step and against training forward rows,
+    one line per arm (mean over seeds) with a band of ± 1 std. curves: arm -> dict(iters, rows,
+    mean, std)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, (arm, c) in enumerate(curves.items()):
+        mean, std = np.array(c["mean"]), np.array(c["std"])
+        for ax, x in zip(axes, (c["iters"], c["rows"])):
+            ax.plot(x, mean, marker="o", ms=3, color=f"C{i % 10}", ls="--" if i >= 10 else "-",
+                    label=arm)
+            ax.fill_between(x, mean - std, mean + std, color=f"C{i % 10}", alpha=0.12)
+    axes[0].set(xlabel="SFT step", ylabel="held-out exact match", ylim=(0, 1.02))
+    axes[1].set(xlabel="training forward rows")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("mean over seeds, band ± 1 std")
     _save(fig, path)
 
 

@@ -57,8 +57,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import figures
 import reproduce
+import reproduce_sft
 import sample
 import stats
 import study
@@ -355,7 +357,7 @@ BAD_TRAIN = [  # (flags, words the error line must contain); TINY flags and --ou
     (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
     (["--batch_size=32", "--gradient_accumulation_steps=3"], "do not split"),
     (["--device=cuda:0"] if not torch.cuda.is_available() else ["--device=cuda:99"], "GPU"),
-    (["--device=tpu"], "device"), (["--dtype=float8"], "dtype"), (["--init_from=bogus"], "init_from"),
+    (["--device=tpu"], "device"), (["--dtype=float8"], "dtype"), (["--init_from=bogus"], "'bogus' is none of them"),
     (["--model_type=arm", "--masking=mirror"], "ARM"), (["--ppots_online=True"], "ppots_online"),
     (["--syrm_alpha=1.5"], "syrm_alpha"), (["--isad_tokens=bogus"], "isad_tokens"),
     (["--isad_tokens=first", "--isad_delta=0"], "isad_delta"), (["--cv_bins=2", "--cv_eta=0"], "cv_eta"),
@@ -365,6 +367,11 @@ BAD_TRAIN = [  # (flags, words the error line must contain); TINY flags and --ou
     (["--init_from=resume", "--n_layer=2"], "n_layer"), (["--init_from=resume", "--task=add"], "task"),
     (["--init_from=resume", "--masking=mirror"], "masking"), (["--init_from=resume", "--max_iters=10"], "nothing"),
     (["--init_from=resume", "--max_iters=20", "--t_sampler=stratified"], "t_sampler"),
+    (["--train_size=-1"], "train_size"), (["--lr_schedule=step"], "lr_schedule"),
+    (["--task=text", "--data_path=data/tinyshakespeare.txt", "--train_size=10"], "finite corpus"),
+    (["--init_from={ckpt}", "--task=twosort"], "vocabulary"),
+    (["--init_from={ckpt}", "--n_layer=2"], "pretrained shape"),
+    (["--init_from={ckpt}", "--num_digits=6"], "at most 9"),
 ]
 
 
@@ -373,6 +380,7 @@ BAD_TRAIN = [  # (flags, words the error line must contain); TINY flags and --ou
 def test_train_refuses_bad_input_before_touching_out_dir(finished_run, tmp_path, flags, words):
     out = fresh_copy(finished_run, tmp_path)
     before = snapshot(out)
+    flags = [f.replace("{ckpt}", str(out / "ckpt.pt")) for f in flags]  # fine-tune this run
     with pytest.raises(ValueError, match=words):
         run_inproc("train.py", *TINY, f"--out_dir={out}", *flags)
     assert snapshot(out) == before
@@ -2083,3 +2091,127 @@ def test_each_figure_writes_a_png(tmp_path):
     for name, plot in calls.items():
         plot(tmp_path / name)
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- the SFT regime: tasks, finite set, fine-tuning
+def test_twosort_writes_the_digits_ascending_then_descending():
+    task = get_task("twosort", num_digits=12)
+    assert (task.response_len, task.seq_len, task.vocab_size) == (25, 38, 15)
+    x0, eligible = task.batch(300, "train", torch.Generator().manual_seed(0))
+    for row in x0:
+        prompt, answer = task.decode(row).split("=")
+        assert answer == "".join(sorted(prompt)) + "|" + "".join(sorted(prompt, reverse=True))
+    assert not eligible[:, :task.prompt_len].any() and eligible[:, task.prompt_len:].all()
+
+
+def test_mix_rows_are_correct_problems_padded_with_eligible_dots():
+    task = get_task("mix", num_digits=12)
+    x0, eligible = task.batch(600, "val", torch.Generator().manual_seed(1))
+    kinds = set()
+    for row, elig in zip(x0, eligible):
+        prompt, answer = task.decode(row).split("=", 1)
+        answer = answer.rstrip(".")
+        assert "." not in answer
+        assert elig.tolist() == [False] * (len(prompt) + 1) + [True] * (38 - len(prompt) - 1)
+        if "+" in prompt:
+            kinds.add("add")
+            a, b = prompt.split("+")
+            assert int(answer) == int(a) + int(b) and len(answer) == len(a) + 1
+        else:
+            kinds.add("twosort")
+            assert answer == "".join(sorted(prompt)) + "|" + "".join(sorted(prompt, reverse=True))
+    assert kinds == {"twosort", "add"}
+
+
+def test_a_finite_set_gives_every_example_once_per_epoch_the_same_set_for_every_seed():
+    task = get_task("twosort", num_digits=6)
+    torch.manual_seed(123)
+    one = data.FiniteTrainSet(task, 50)
+    torch.manual_seed(456)
+    two = data.FiniteTrainSet(task, 50)
+    assert torch.equal(one.x0, two.x0)  # drawn with TRAIN_SET_SEED, not the run's RNG
+    pool = sorted(map(tuple, one.x0.tolist()))
+    assert len(set(pool)) == 50
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([one.batch(7, "train", g)[0] for _ in range(22)])  # 154 rows: 3 epochs + 4
+    for e in range(3):
+        assert sorted(map(tuple, seen[50 * e:50 * (e + 1)].tolist())) == pool
+    assert one.epoch == pytest.approx(154 / 50)
+    assert not torch.equal(seen[:50], seen[50:100])  # reshuffled per epoch
+    other = torch.cat([two.batch(7, "train", torch.Generator().manual_seed(1))[0]])
+    assert not torch.equal(other, seen[:7])  # the order comes from the run's generator
+    val = {tuple(r) for r in one.batch(2000, "val", g)[0].tolist()}
+    assert not val & set(pool)  # held-out problems are never in the set
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in one.state_dict().items()}
+    g_state = g.get_state()
+    ahead = torch.cat([one.batch(9, "train", g)[0] for _ in range(8)])
+    one.load_state_dict(state)
+    g.set_state(g_state)
+    assert torch.equal(torch.cat([one.batch(9, "train", g)[0] for _ in range(8)]), ahead)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny MDM pretrained on mix for 3 steps (4-digit layout: T = 24)."""
+    out = tmp_path_factory.mktemp("pretrained")
+    run("train.py", f"--out_dir={out}", "--task=mix", "--max_iters=3", "--eval_interval=3",
+        *(f for f in TINY if not f.startswith("--eval_problems")))
+    return out / "ckpt.pt"
+
+
+SFT_FLAGS = ["--task=twosort", "--num_digits=4", "--train_size=40", "--batch_size=8", "--eval_problems=16",
+             "--eval_iters=1", "--variance_interval=0", "--log_interval=1", "--warmup_iters=0",
+             "--lr_schedule=linear", "--min_lr=0"]
+
+
+@pytest.mark.e2e
+def test_fine_tuning_starts_from_the_checkpoint_weights_in_its_shape(pretrained, tmp_path):
+    argv = sys.argv
+    sys.argv = ["train.py", f"--init_from={pretrained}", f"--out_dir={tmp_path}", "--max_iters=0", *SFT_FLAGS]
+    try:
+        g = runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    finally:
+        sys.argv, sys.excepthook = argv, sys.__excepthook__
+    ckpt = torch.load(pretrained, weights_only=True)
+    state = g["model"].state_dict()
+    assert state.keys() == ckpt["model"].keys()
+    assert all(torch.equal(state[k], ckpt["model"][k]) for k in state)
+    assert (g["n_layer"], g["n_embd"], g["model_type"]) == (1, 32, "mdm")  # the checkpoint's shape
+    assert g["dataset"].epoch == 0 and len(g["dataset"].x0) == 40
+
+
+@pytest.mark.e2e
+def test_fine_tuning_on_a_finite_set_logs_epochs_and_clipping_and_resumes_bit_exactly(pretrained, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = [f"--init_from={pretrained}", "--eval_interval=3", "--grad_clip=0.5", "--lr_decay_iters=8", *SFT_FLAGS]
+    run("train.py", f"--out_dir={full}", "--max_iters=8", *common)
+    run("train.py", f"--out_dir={part}", "--max_iters=4", *common)
+    run("train.py", f"--out_dir={part}", "--max_iters=8", "--init_from=resume")
+    steps = lambda d: [(r["iter"], r["loss"], r["epoch"], r["clip_frac"]) for r in read_log(d) if "loss" in r]
+    assert steps(part) == steps(full) and len(steps(full)) == 8
+    assert [s[2] for s in steps(full)] == [8 * i / 40 for i in range(1, 9)]
+    assert all(s[3] in (0.0, 1.0) for s in steps(full))
+    lrs = [r["lr"] for r in read_log(full) if "lr" in r]  # linear from 2e-3 to min_lr=0 at step 8
+    assert lrs == pytest.approx([2e-3 * (1 - i / 8) for i in range(8)])
+    assert any(s[3] == 1.0 for s in steps(full))  # a fresh head on new data: norms above 0.5
+
+
+@pytest.mark.e2e
+def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path):
+    """Every arm, 1 seed, tiny model and budget: pretraining, the table, variance.md, the figure."""
+    tiny = "--n_layer=1 --n_head=2 --n_embd=32 --batch_size=16 --variance_interval=0 --seed=0"
+    args = [f"--out={tmp_path}", "--seeds=1", "--max_iters=4", "--jobs=2", "--threads=1",
+            f"--pretrain_args=--task=mix --num_digits=4 --max_iters=3 --eval_interval=3 {tiny}",
+            "--task_args=--task=twosort --num_digits=4 --train_size=40 --batch_size=8 "
+            "--eval_problems=16 --eval_iters=1 --variance_interval=0 --ppots_fit_iter=0 --log_interval=2"]
+    assert reproduce_sft.main(args) == 0
+    table = (tmp_path / "table.md").read_text()
+    variance_md = (tmp_path / "variance.md").read_text()
+    for arm in reproduce_sft.METHODS:
+        assert f"| {arm} | 1 | " in table and f"\n| {arm} | " in variance_md
+    assert "| Standard-2x | 16 | " in variance_md and "| MIRROR | 4 | " in variance_md  # clean rows
+    recs = run_records(tmp_path)
+    assert all(r["status"] == "ok" and r["clip_frac"] is not None and r["epochs"] > 0 for r in recs)
+    assert all([it for it, _ in r["curve"]] == [0, 1, 2, 3, 4] for r in recs)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert reproduce_sft.main(args) == 0  # cached: the pretraining and every run

@@ -5,6 +5,7 @@
     python train.py --t_sampler=ppots --masking=mirror
     python train.py --init_from=resume --out_dir=out  # continue; the checkpoint's config is
                                                         the base
+    python train.py --init_from=pre/ckpt.pt --task=twosort --train_size=2000  # fine-tune (SFT)
     torchrun --standalone --nproc_per_node=2 train.py  # DDP: the same run (same global batch)
                                                          on 2 processes
 
@@ -40,11 +41,11 @@ from tqdm import tqdm
 
 import figures
 import variance
-from checkpoint import (append_log, load_checkpoint, lock_out_dir, resumed_config, rng_state,
-                        save_checkpoint, set_rng_state, start_log)
+from checkpoint import (append_log, finetune_config, load_checkpoint, lock_out_dir,
+                        resumed_config, rng_state, save_checkpoint, set_rng_state, start_log)
 from configurator import check_ranges, configure_globals, given_keys, report_errors
 from control_variate import LossControlVariate
-from data import task_from_checkpoint, task_from_config
+from data import check_fits, task_from_checkpoint, task_from_config, training_set
 from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
 from model import ModelConfig, Transformer, device_and_dtype, weight_ema
 from sample import TEXT_TEMPERATURE, accuracy, text_sample
@@ -58,12 +59,17 @@ eval_interval = 200
 eval_iters = 4  # val batches for the ELBO
 eval_problems = 512  # held-out prompts for exact-match accuracy (synthetic tasks)
 log_interval = 10
-# 'scratch' or 'resume' (the checkpoint's config is the base; see checkpoint.py)
+# 'scratch', 'resume' (the checkpoint's config is the base; see checkpoint.py) or a checkpoint's
+# path: fine-tune its (evaluated) weights, with its shape and vocabulary; fresh optimizer,
+# sampler, iteration count and log
 init_from = "scratch"
 seed = 1337
 # data
-task = "sort"  # sort | add | text
-num_digits = 8  # sort: how many digits; add: digits per operand
+task = "sort"  # sort | add | twosort | mix | text (data.py)
+num_digits = 8  # sort, twosort: how many digits; add: per operand; mix: pads to twosort
+# > 0: a finite training set of this many examples, visited in epochs (data.FiniteTrainSet);
+# 0 = fresh examples every step
+train_size = 0
 data_path = ""  # task=text: any UTF-8 file
 block_size = 256  # task=text: sequence length (synthetic tasks fix their own)
 batch_size = 128  # forward rows per step, over all processes (the global batch)
@@ -108,7 +114,7 @@ variance_n_x0 = 16
 variance_n_t = 4
 variance_n_masks = 2
 variance_grad_n_x0 = 4
-# optimiser: AdamW, linear warmup then cosine decay to min_lr
+# optimiser: AdamW, linear warmup then cosine (lr_schedule) decay to min_lr
 learning_rate = 2e-3
 max_iters = 1000
 weight_decay = 0.1
@@ -119,6 +125,7 @@ grad_clip = 1.0
 warmup_iters = 100
 lr_decay_iters = 0  # 0 = max_iters
 min_lr = 2e-4
+lr_schedule = "cosine"  # cosine | linear: the decay from learning_rate to min_lr after warmup
 # system
 device = ""  # '' = auto: cuda > mps > cpu (under torchrun, cuda:LOCAL_RANK)
 # '' = auto: bfloat16 on GPUs with native bf16, float16 + GradScaler on older ones,
@@ -132,7 +139,7 @@ rank, local_rank, world_size = (int(os.environ.get(k, d))
                                 for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 master = rank == 0  # evaluates, logs, saves, measures variance, fits P-POTS
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ckpt = None
+ckpt = pretrained = None
 if init_from == "resume":
     model, ckpt = load_checkpoint(ckpt_path, raw=True)
     config = resumed_config(config, ckpt, given_keys(sys.argv[1:]))
@@ -140,8 +147,13 @@ if init_from == "resume":
     if max_iters <= ckpt["iter_num"]:
         raise ValueError(f"the checkpoint is at iteration {ckpt['iter_num']}: "
                          f"--max_iters={max_iters} leaves nothing to train (raise it to continue)")
-elif init_from != "scratch":
-    raise ValueError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
+elif init_from != "scratch":  # a path: fine-tune its weights, in its shape
+    if not os.path.isfile(init_from):
+        raise ValueError(f"--init_from must be 'scratch', 'resume' or a checkpoint's path; "
+                         f"{init_from!r} is none of them")
+    base, pretrained = load_checkpoint(init_from)
+    config = finetune_config(config, pretrained, given_keys(sys.argv[1:]), init_from)
+    globals().update(config)
 # ------------------------------------------------------------ every check before out_dir is touched
 check_ranges(config, {
     "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_iters": (0, None),
@@ -153,11 +165,12 @@ check_ranges(config, {
     "ppots_fit_iter": (0, None), "ppots_refit_every": (0, None), "cv_bins": (0, None),
     "variance_interval": (0, None), "variance_n_x0": (2, None), "variance_n_t": (2, None),
     "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None), "sample_length": (0, None),
-    "sample_block_length": (1, None)})
+    "sample_block_length": (1, None), "train_size": (0, None)})
 for key, allowed in (("model_type", ("mdm", "arm")),
                      ("t_sampler", SAMPLERS),
                      ("masking", MODES),
                      ("ppots_fit", ("epr", "none")), ("ppots_support", ("full", "grid")),
+                     ("lr_schedule", ("cosine", "linear")),
                      ("isad_tokens", ("none", "default", "first"))):
     if config[key] not in allowed:
         raise ValueError(f"unknown --{key}={config[key]}; choose from {', '.join(allowed)}")
@@ -199,10 +212,16 @@ torch.manual_seed(seed)
 data_gen = torch.Generator().manual_seed(seed + 1_000_003)
 random.seed(seed)  # python and numpy draw nothing here; seeded (and checkpointed) for forks that do
 np.random.seed(seed)
-dataset = task_from_config(config) if ckpt is None else \
+task_data = task_from_config(config) if ckpt is None else \
     task_from_checkpoint(dict(ckpt, config=config), True)
+if pretrained is not None:
+    check_fits(task_data, task, pretrained, init_from)
+dataset = training_set(config, task_data)  # the task, or its finite training set
 mask_spec = mask_spec_from_config(config, dataset)  # the masking mode with its ISAD / SyRM options
-if ckpt is None:
+if pretrained is not None:  # its weights, this run's dropout
+    model = Transformer(ModelConfig(**dict(pretrained["model_args"], dropout=dropout)))
+    model.load_state_dict(base.state_dict())
+elif ckpt is None:
     model = Transformer(ModelConfig(vocab_size=dataset.vocab_size, mask_id=dataset.mask_id,
                                     block_size=dataset.seq_len, n_layer=n_layer, n_head=n_head,
                                     n_embd=n_embd, dropout=dropout, bias=bias,
@@ -230,6 +249,8 @@ if ckpt is not None:
     iter_num = ckpt["iter_num"]
     sampler = sampler_from_state(ckpt["sampler"])
     set_rng_state(ckpt["rng"], data_gen)
+    if train_size:
+        dataset.load_state_dict(ckpt["train_set"])
 # ------------------------------------------------------------ the input is good: now out_dir
 log_path = os.path.join(out_dir, "log.jsonl")
 if master:
@@ -253,13 +274,15 @@ def log(record):
 
 
 def get_lr(it):
-    """Linear warmup, then cosine decay from learning_rate to min_lr at decay_iters."""
+    """Linear warmup, then cosine (or linear) decay from learning_rate to min_lr at
+    decay_iters."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    left = 1.0 - ratio if lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return min_lr + left * (learning_rate - min_lr)
 
 
 @torch.no_grad()
@@ -307,6 +330,8 @@ def checkpoint():
         state["loss_cv"] = loss_cv.state_dict()
     if hasattr(dataset, "chars"):  # text: the vocabulary, so sampling does not need the data file
         state["vocab"] = dataset.chars
+    if train_size:
+        state["train_set"] = dataset.state_dict()
     save_checkpoint(ckpt_path, state, model)
 
 
@@ -359,7 +384,7 @@ def finish():
     final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
     acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" \
         if "acc" in final else ""
-    if not hasattr(dataset, "prompts"):  # text: show what the model writes
+    if task == "text":  # show what the model writes
         for prompt in ("", sample_prompt) if sample_prompt else ("",):
             print(f"--- sample{f' after {prompt!r}' if prompt else ''} "
                   f"({sample_block_length}-char blocks, temperature {TEXT_TEMPERATURE}):")
@@ -371,6 +396,7 @@ def finish():
 
 
 t_seen, w_seen, loss_sum, norm_sum, raw_sum, t0 = [], [], 0.0, 0.0, 0.0, time.time()
+n_clipped = 0  # steps in the log window whose norm before clipping exceeded grad_clip
 start_iter = iter_num
 bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, disable=not master)
 while True:
@@ -406,7 +432,10 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     # the global batch, the same on every rank (mirror/pair: the first half of the x0 rows)
-    x0, eligible = (z[:rows].to(device) for z in dataset.batch(batch_size, "train", data_gen))
+    # unlimited data: mirror/pair at matched compute see the first half of Standard's x0 rows;
+    # a finite set hands out each example once per epoch, so it is asked for the rows it gives
+    draw = rows if train_size else batch_size
+    x0, eligible = (z[:rows].to(device) for z in dataset.batch(draw, "train", data_gen))
     t_cpu, w_cpu = sampler.sample(rows)
     t, w = t_cpu.to(device), w_cpu.to(device)
     masks = draw_masks(eligible, t, mask_spec) if model_type == "mdm" else None
@@ -450,19 +479,23 @@ while True:
     w_seen.append(w_cpu)
     loss_sum += loss.detach()
     norm_sum += grad_norm
+    n_clipped += bool(grad_clip and grad_norm > grad_clip)
     if iter_num % log_interval == 0:
         t_all = torch.cat(t_seen)
         record = {"iter": iter_num, "loss": loss_sum.item() / len(t_seen),
                   "grad_norm": norm_sum.item() / len(t_seen),
+                  "clip_frac": n_clipped / len(t_seen),
                   "lr": lr, "w_mean": torch.cat(w_seen).mean().item(),
                   "t_hist": torch.histc(t_all, bins=10, min=0, max=1).int().tolist()}
         if loss_cv is not None:
             # the plain mean(w l); "loss" is the adjusted value
             record["loss_raw"] = raw_sum / len(t_seen)
+        if train_size:
+            record["epoch"] = dataset.epoch
         if master:
             log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-        t_seen, w_seen, loss_sum, norm_sum, raw_sum = [], [], 0.0, 0.0, 0.0
+        t_seen, w_seen, loss_sum, norm_sum, raw_sum, n_clipped = [], [], 0.0, 0.0, 0.0, 0
     bar.update(1)
 bar.close()
 if ddp:

@@ -1,0 +1,249 @@
+"""The paper's regime at laptop scale: pretrain once, fine-tune (SFT) on a finite set, every arm
+under both protocols, with intervals; then the gradient variance of each arm at SFT step 0 beside
+its outcome.
+
+    python reproduce_sft.py                  # 14 arms x 10 seeds, pretraining included: see README
+    python reproduce_sft.py --quick          # 5 arms x 2 seeds, short: a smoke test
+    python reproduce_sft.py --methods=Standard,MIRROR-paper --seeds=5 --jobs=2 --threads=1
+
+The paper fine-tunes a pretrained LLaDA-8B-Instruct on GSM8K-sized sets for several epochs (lr 5e-5,
+linear decay, batch 32, clip 1.0), fits P-POTS once on the pretrained model, and runs MIRROR's two
+views on the same x0 (2x forward rows, 3 seeds). Here, on 2 CPU cores:
+  pretraining  train.py --task=mix (data.py: two-way sorts of 2-12 digits, additions of 1-6),
+               fresh data, one MDM and one ARM, cached in <out>/pretrain/{mdm,arm} (PRETRAIN);
+  SFT          train.py --init_from=<pretrained> --task=twosort --num_digits=12: 12 digits
+               sorted ascending, then descending, 25 answer tokens, from a finite set of
+               TRAIN_SIZE examples drawn once (the same for every seed), held-out exact match
+               (greedy) on problems never in it; batch 32, clip 1.0, linear decay, P-POTS fitted
+               at SFT step 0 (ppots_fit_iter=0) on the pretrained model.
+Arms (B = 32 clean rows per step): Standard; Standard-2x (2B clean rows: the compute control of
+the paper's protocol); MIRROR-paper, pair-paper, P-POTS+MIRROR-paper (B clean rows, 2B forward
+rows: the paper's protocol); MIRROR, pair, P-POTS+MIRROR (B/2 clean rows: matched compute);
+P-POTS (unbiased, t on [0, 1]); P-POTS-grid (the released code's t range, biased); Clipped;
+StraTS; ISAD (the first answer token); ARM (the pretrained ARM, fine-tuned alike). Seed s gives
+every arm the same pretrained start and, at equal clean rows per step, the same SFT data order.
+
+Calibration (the budget below: Standard must land mid-range with a seed spread), on 2 cores:
+  CALIBRATION
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import figures
+import study
+import variance
+from checkpoint import load_checkpoint
+from configurator import report_errors
+from data import task_from_checkpoint, training_set
+from masking import mask_spec_from_config
+from samplers import build_ppots, make_sampler
+from stats import fmt_diff
+
+MDM, ARM = "--init_from={out}/pretrain/mdm/ckpt.pt", "--init_from={out}/pretrain/arm/ckpt.pt"
+METHODS = {
+    "Standard": MDM,
+    "Standard-2x": MDM,  # + --batch_size = 2 x the study's batch (batch_multiple)
+    "MIRROR-paper": f"{MDM} --masking=mirror --matched_compute=False",
+    "MIRROR": f"{MDM} --masking=mirror",
+    "pair-paper": f"{MDM} --masking=pair --matched_compute=False",
+    "pair": f"{MDM} --masking=pair",
+    "P-POTS": f"{MDM} --t_sampler=ppots",
+    "P-POTS-grid": f"{MDM} --t_sampler=ppots --ppots_support=grid",
+    "P-POTS+MIRROR-paper": f"{MDM} --t_sampler=ppots --masking=mirror --matched_compute=False",
+    "P-POTS+MIRROR": f"{MDM} --t_sampler=ppots --masking=mirror",
+    "Clipped": f"{MDM} --t_sampler=clipped",
+    "StraTS": f"{MDM} --t_sampler=stratified",
+    "ISAD": f"{MDM} --isad_tokens=first --isad_delta=0.2",
+    "ARM": f"{ARM} --model_type=arm",
+}
+PAPER = ("MIRROR-paper", "pair-paper", "P-POTS+MIRROR-paper")
+CURVES = ("Standard", "Standard-2x", "MIRROR-paper", "MIRROR", "P-POTS", "P-POTS-grid",
+          "P-POTS+MIRROR-paper", "P-POTS+MIRROR", "ARM")  # the figure's arms
+TRAIN_SIZE = 2000
+# the pretraining run of each model type (+ --model_type=arm for the ARM): train.py flags, the
+# model's shape included (fine-tuning keeps it)
+PRETRAIN = ("--task=mix --num_digits=12 --n_layer=3 --n_head=4 --n_embd=96 --batch_size=64 "
+            "--max_iters=2000 --warmup_iters=50 --eval_interval=1000 --variance_interval=0 "
+            "--seed=0")
+DEFAULTS = dict(
+    methods=",".join(METHODS), seeds=10, out="results_sft", device="", max_iters=200,
+    pretrain_args=PRETRAIN,
+    task_args=(f"--task=twosort --num_digits=12 --train_size={TRAIN_SIZE} --batch_size=32 "
+               "--learning_rate=1e-3 --min_lr=0 --lr_schedule=linear --warmup_iters=0 "
+               "--grad_clip=1.0 --eval_problems=256 --variance_interval=0 --ppots_fit_iter=0"),
+    train_args="", jobs=2, threads=1, quick=False)
+QUICK = dict(seeds=2, max_iters=40, out="results_sft_quick",
+             pretrain_args=PRETRAIN.replace("--max_iters=2000", "--max_iters=300"),
+             methods="Standard,Standard-2x,MIRROR-paper,P-POTS+MIRROR,ARM")
+
+
+def schedule(it):
+    """Evaluated at 0, 1/4, 1/2, 3/4 and the end (the figure's points); no variance logging: the
+    step-0 variance of every arm is measured once, by report()."""
+    return [f"--eval_interval={max(1, it // 4)}"]
+
+
+def pretrain_flags(cfg, kind):
+    flags = shlex.split(cfg["pretrain_args"])
+    return flags + ["--model_type=arm"] * (kind == "arm") + (
+        [f"--device={cfg['device']}"] if cfg["device"] else [])
+
+
+def prepare(cfg, jobs):
+    """Pretrain the MDM and the ARM (both at once if --jobs >= 2), unless <out>/pretrain holds
+    them, made with the same flags; a pretraining that fails stops the study with its reason."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"] or 1))
+    procs = {}
+    for kind in ("mdm", "arm"):
+        out_dir = os.path.join(cfg["out"], "pretrain", kind)
+        flags, done = pretrain_flags(cfg, kind), os.path.join(out_dir, "flags.json")
+        if os.path.exists(done):
+            if json.load(open(done)) != flags:
+                raise ValueError(f"{out_dir} was pretrained with other flags: use a fresh --out")
+            continue
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"pretraining the {kind.upper()}: python train.py {' '.join(flags)}")
+        log = open(os.path.join(out_dir, "stdout.txt"), "w")
+        procs[kind] = (subprocess.Popen([sys.executable, "train.py", f"--out_dir={out_dir}",
+                                         *flags], cwd=study.HERE, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT), flags, done, time.time())
+        if cfg["jobs"] < 2:
+            procs[kind][0].wait()
+    for kind, (proc, flags, done, start) in procs.items():
+        if proc.wait():
+            raise ValueError(f"pretraining the {kind.upper()} failed: see "
+                             f"{os.path.dirname(done)}/stdout.txt")
+        with open(done, "w") as f:
+            json.dump(flags, f)
+        print(f"pretrained the {kind.upper()} in {time.time() - start:.0f} s")
+
+
+def clean_rows(conf):
+    """x0 rows per step: batch_size, halved for mirror/pair at matched compute (train.py)."""
+    paired = conf["masking"] in ("mirror", "pair") and conf["matched_compute"]
+    return conf["batch_size"] // 2 if paired else conf["batch_size"]
+
+
+def step0_variance(cfg, jobs, n_x0=32, n_t=8, n_masks=2, n_proj=4):
+    """Per arm, on its pretrained model at SFT step 0, with its own sampler (P-POTS fitted as its
+    seed-0 run fits it), masking and finite training set: the draws of the gradient of w l (A, B,
+    C by variance.measure, n_proj random directions). The same generator gives every arm the same
+    n_x0 training examples, so the bootstrap over them pairs the arms."""
+    draws, rows = {}, {}
+    for arm in tqdm(cfg["methods"], desc="step-0 variance"):
+        conf = next(j["conf"] for j in jobs if j["method"] == arm and j["seed"] == 0)
+        kind = "arm" if conf["model_type"] == "arm" else "mdm"
+        model, ckpt = load_checkpoint(os.path.join(cfg["out"], "pretrain", kind, "ckpt.pt"))
+        task = training_set(conf, task_from_checkpoint(dict(ckpt, config=conf)))
+        spec = mask_spec_from_config(conf, task)
+        if kind == "arm":
+            sampler = None
+        elif conf["t_sampler"] == "ppots":
+            sampler = build_ppots(model, task, spec, generator=torch.Generator().manual_seed(0),
+                                  fit=conf["ppots_fit"], support=conf["ppots_support"])
+        else:
+            sampler = make_sampler(conf["t_sampler"])
+        res = variance.measure(model, task, sampler, spec, n_x0, n_t, n_masks, target="grad",
+                               generator=torch.Generator().manual_seed(0), n_proj=n_proj,
+                               keep_draws=True)
+        draws[arm], rows[arm] = res["draws"], clean_rows(conf)
+    return draws, rows
+
+
+def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
+    """The step-0 gradient variance of every arm beside its accuracy difference to Standard: a
+    markdown table (also returned as rows of JSON types)."""
+    draws, rows = step0_variance(cfg, jobs)
+
+    def stat(comps, idx):
+        out = {}
+        for arm, c in comps.items():
+            out.update({(arm, k): c[k] for k in ("A", "B", "C", "total")})
+            out[arm, "batch"] = c["total"] / rows[arm]  # i.i.d. rows: the batch mean's variance
+        base = out.get(("Standard", "batch"))
+        for arm in comps:
+            if base:
+                out[arm, "ratio"] = out[arm, "batch"] / base
+        return out
+    ci = variance.bootstrap_x0(stat, draws, n_boot)
+    diffs = {c["method"]: c for c in summary["comparisons"] if c["ref"] == "Standard"}
+    cell = lambda c: f"{c['est']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}]"
+    table = ["| arm | clean rows | grad A | grad B | grad C | per-draw total | batch-mean "
+             "variance | vs Standard | Δ acc vs Standard [95 % CI], p |", "|" + " --- |" * 9]
+    out = []
+    for arm in cfg["methods"]:
+        d = diffs.get(arm, {}).get("diff")
+        table.append("| " + " | ".join([arm, str(rows[arm])] + [
+            cell(ci[arm, k]) for k in ("A", "B", "C", "total", "batch")] + [
+            cell(ci[arm, "ratio"]) if (arm, "ratio") in ci else "—",
+            fmt_diff(d) if d else "—"]) + " |")
+        out.append(dict(arm=arm, rows=rows[arm], **{k: ci[arm, k] for k in
+                                                     ("A", "B", "C", "total", "batch")},
+                        acc_mean=summary["methods"][arm]["acc_mean"]))
+    ranked = [r for r in out if r["acc_mean"] is not None]
+    if len(ranked) >= 3:
+        rank = lambda v: np.argsort(np.argsort(v))
+        rho = np.corrcoef(rank([r["batch"]["est"] for r in ranked]),
+                          rank([r["acc_mean"] for r in ranked]))[0, 1]
+        lowest = min(ranked, key=lambda r: r["batch"]["est"])["arm"]
+        table += ["", f"Spearman rank correlation, over the {len(ranked)} arms, between the "
+                      f"batch-mean gradient variance at step 0 and mean final accuracy: "
+                      f"{rho:+.2f} (descriptive: no interval). Lowest variance: {lowest}."]
+    table += ["", f"Gradient variance per draw of w l (the trace, from {4} random directions of "
+                  f"the parameters), on the pretrained model at SFT step 0, over {32} training "
+                  f"examples x {8} rates x {2} masks; [95 % CI]: bootstrap over the examples, "
+                  f"paired across arms. Batch-mean variance: per-draw total / clean rows (i.i.d. "
+                  f"rows; StraTS's coupling of a batch's rates is not counted, so its row equals "
+                  f"Standard's). vs Standard: ratio of batch-mean variances."]
+    return "\n".join(table) + "\n", out
+
+
+def report(cfg, summary, jobs):
+    """variance.md (variance_vs_outcome) and curves.png (accuracy against step and forward rows,
+    mean and a band of ± 1 std over seeds)."""
+    text, rows = variance_vs_outcome(cfg, summary, jobs)
+    with open(os.path.join(cfg["out"], "variance.md"), "w") as f:
+        f.write("# Step-0 gradient variance and outcome\n\n" + text)
+    with open(os.path.join(cfg["out"], "variance.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(text)
+    curves = {}
+    for arm in (a for a in CURVES if a in cfg["methods"]):
+        recs = [j["record"] for j in jobs if j["method"] == arm and j["record"]["status"] == "ok"]
+        conf = next(j["conf"] for j in jobs if j["method"] == arm)
+        per_step = study.forward_rows(conf, 0)[0] / conf["max_iters"]
+        if recs:
+            its = [it for it, _ in recs[0]["curve"]]
+            acc = np.array([[a for _, a in r["curve"]] for r in recs])
+            curves[arm] = dict(iters=its, rows=[it * per_step for it in its],
+                               mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
+    figures.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))
+
+
+SFT = study.Study(
+    title="Fine-tuning (SFT) on a finite set from a pretrained model, both protocols: held-out "
+          "exact match ({max_iters} steps, {flags})",
+    methods=METHODS, defaults=DEFAULTS, quick=QUICK, schedule=schedule,
+    batch_multiple={"Standard-2x": 2}, controls={m: "Standard-2x" for m in PAPER},
+    claimed=("P-POTS+MIRROR", "P-POTS+MIRROR-paper"), prepare=prepare, report=report,
+    notes="Rows and budget: reproduce_sft.py's docstring (-paper: the paper's protocol, 2x "
+          "forward rows per step, compute control Standard-2x). Loss A, B, C: not logged in this "
+          "study (variance.md has every arm's gradient A, B, C at step 0).")
+
+
+
+def main(argv):
+    return study.main(SFT, argv)
+
+
+if __name__ == "__main__":
+    report_errors()
+    sys.exit(1 if main(sys.argv[1:]) else 0)
