@@ -263,11 +263,18 @@ TRAIN_SET_SEED = 20_251_122  # draws the finite training set: the same set for e
 
 class FiniteTrainSet:
     """A finite training set (train.py --train_size=N): N examples of `task`, drawn once from its
-    train split with TRAIN_SET_SEED, visited in epochs. Each epoch is a fresh permutation drawn
-    from the generator batch() is given (train.py's x0 stream), and batch(n, "train") hands out
-    the next n examples, crossing into the next epoch where one ends: every example once per
-    epoch. The val split, prompts, vocabulary and layout are the task's own (held-out problems are
-    never in the set). State (for resume): the permutation, the position in it, the examples seen.
+    train split with TRAIN_SET_SEED, so the set is the same for every run seed.
+
+      next_batch(n, generator)  the training stream, in epochs: each epoch is a fresh permutation
+                                drawn from `generator` (train.py's x0 stream), and each call hands
+                                out the next n examples, crossing into the next epoch where one
+                                ends: every example once per epoch
+      batch(n, "train", g)      n examples drawn uniformly from the set (i.i.d.), for anything
+                                else that reads the training distribution (P-POTS's curve,
+                                variance.py): it leaves the epoch stream untouched
+      batch(n, "val", g)        the task's held-out problems, never in the set
+    The prompts, vocabulary and layout are the task's own. State (for resume): the permutation,
+    the position in it, the examples handed out.
     """
 
     def __init__(self, task, size):
@@ -287,21 +294,25 @@ class FiniteTrainSet:
 
     @property
     def epoch(self):
-        """Epochs completed, fractional: examples handed out / N."""
+        """Epochs completed, fractional: examples handed out by next_batch / N."""
         return self.seen / len(self.x0)
+
+    def next_batch(self, n, generator=None):
+        take, have = [], 0
+        while have < n:
+            if self.pos == len(self.order):
+                self.order, self.pos = torch.randperm(len(self.x0), generator=generator), 0
+            part = self.order[self.pos:self.pos + n - have]
+            take.append(part)
+            self.pos, have = self.pos + len(part), have + len(part)
+        idx = torch.cat(take)
+        self.seen += n
+        return self.x0[idx], self.eligible[idx]
 
     def batch(self, n, split, generator=None):
         if split != "train":
             return self.task.batch(n, split, generator)
-        take = []
-        while sum(map(len, take)) < n:
-            if self.pos == len(self.order):
-                self.order, self.pos = torch.randperm(len(self.x0), generator=generator), 0
-            part = self.order[self.pos:self.pos + n - sum(map(len, take))]
-            take.append(part)
-            self.pos += len(part)
-        idx = torch.cat(take)
-        self.seen += n
+        idx = torch.randint(len(self.x0), (n,), generator=generator)
         return self.x0[idx], self.eligible[idx]
 
     def state_dict(self):

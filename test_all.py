@@ -2132,22 +2132,25 @@ def test_a_finite_set_gives_every_example_once_per_epoch_the_same_set_for_every_
     assert torch.equal(one.x0, two.x0)  # drawn with TRAIN_SET_SEED, not the run's RNG
     pool = sorted(map(tuple, one.x0.tolist()))
     assert len(set(pool)) == 50
-    g = torch.Generator().manual_seed(0)
-    seen = torch.cat([one.batch(7, "train", g)[0] for _ in range(22)])  # 154 rows: 3 epochs + 4
+    g, side = torch.Generator().manual_seed(0), torch.Generator().manual_seed(5)
+    seen = []
+    for _ in range(22):  # 154 rows: 3 epochs + 4; other readers of the set in between
+        seen.append(one.next_batch(7, g)[0])
+        assert set(map(tuple, one.batch(5, "train", side)[0].tolist())) <= set(pool)
+    seen = torch.cat(seen)
     for e in range(3):
         assert sorted(map(tuple, seen[50 * e:50 * (e + 1)].tolist())) == pool
     assert one.epoch == pytest.approx(154 / 50)
     assert not torch.equal(seen[:50], seen[50:100])  # reshuffled per epoch
-    other = torch.cat([two.batch(7, "train", torch.Generator().manual_seed(1))[0]])
-    assert not torch.equal(other, seen[:7])  # the order comes from the run's generator
+    assert not torch.equal(two.next_batch(7, torch.Generator().manual_seed(1))[0], seen[:7])
     val = {tuple(r) for r in one.batch(2000, "val", g)[0].tolist()}
     assert not val & set(pool)  # held-out problems are never in the set
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in one.state_dict().items()}
     g_state = g.get_state()
-    ahead = torch.cat([one.batch(9, "train", g)[0] for _ in range(8)])
+    ahead = torch.cat([one.next_batch(9, g)[0] for _ in range(8)])
     one.load_state_dict(state)
     g.set_state(g_state)
-    assert torch.equal(torch.cat([one.batch(9, "train", g)[0] for _ in range(8)]), ahead)
+    assert torch.equal(torch.cat([one.next_batch(9, g)[0] for _ in range(8)]), ahead)
 
 
 @pytest.fixture(scope="module")

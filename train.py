@@ -433,9 +433,10 @@ while True:
         group["lr"] = lr
     # the global batch, the same on every rank (mirror/pair: the first half of the x0 rows)
     # unlimited data: mirror/pair at matched compute see the first half of Standard's x0 rows;
-    # a finite set hands out each example once per epoch, so it is asked for the rows it gives
-    draw = rows if train_size else batch_size
-    x0, eligible = (z[:rows].to(device) for z in dataset.batch(draw, "train", data_gen))
+    # a finite set hands out each example once per epoch, so it is asked for the rows it trains
+    x0, eligible = (z[:rows].to(device) for z in (
+        dataset.next_batch(rows, data_gen) if train_size
+        else dataset.batch(batch_size, "train", data_gen)))
     t_cpu, w_cpu = sampler.sample(rows)
     t, w = t_cpu.to(device), w_cpu.to(device)
     masks = draw_masks(eligible, t, mask_spec) if model_type == "mdm" else None
