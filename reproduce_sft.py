@@ -147,7 +147,10 @@ def clean_rows(conf):
     return conf["batch_size"] // 2 if paired else conf["batch_size"]
 
 
-def step0_variance(cfg, jobs, n_x0=32, n_t=8, n_masks=2, n_proj=4):
+STEP0 = dict(n_x0=32, n_t=8, n_masks=2, n_proj=4)  # the step-0 variance draws per arm
+
+
+def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
     """Per arm, on its pretrained model at SFT step 0, with its own sampler (P-POTS fitted as its
     seed-0 run fits it), masking and finite training set: the draws of the gradient of w l (A, B,
     C by variance.measure, n_proj random directions). The same generator gives every arm the same
@@ -176,7 +179,7 @@ def step0_variance(cfg, jobs, n_x0=32, n_t=8, n_masks=2, n_proj=4):
 def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
     """The step-0 gradient variance of every arm beside its accuracy difference to Standard: a
     markdown table (also returned as rows of JSON types)."""
-    draws, rows = step0_variance(cfg, jobs)
+    draws, rows = step0_variance(cfg, jobs, **STEP0)
 
     def stat(comps, idx):
         out = {}
@@ -212,9 +215,10 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
         table += ["", f"Spearman rank correlation, over the {len(ranked)} arms, between the "
                       f"batch-mean gradient variance at step 0 and mean final accuracy: "
                       f"{rho:+.2f} (descriptive: no interval). Lowest variance: {lowest}."]
-    table += ["", f"Gradient variance per draw of w l (the trace, from {4} random directions of "
-                  f"the parameters), on the pretrained model at SFT step 0, over {32} training "
-                  f"examples x {8} rates x {2} masks; [95 % CI]: bootstrap over the examples, "
+    table += ["", f"Gradient variance per draw of w l (the trace, from {STEP0['n_proj']} random "
+                  f"directions of the parameters), on the pretrained model at SFT step 0, over "
+                  f"{STEP0['n_x0']} training examples x {STEP0['n_t']} rates x "
+                  f"{STEP0['n_masks']} masks; [95 % CI]: bootstrap over the examples, "
                   f"paired across arms. Batch-mean variance: per-draw total / clean rows (i.i.d. "
                   f"rows; StraTS's coupling of a batch's rates is not counted, so its row equals "
                   f"Standard's). vs Standard: ratio of batch-mean variances."]

@@ -2206,7 +2206,8 @@ def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path):
     args = [f"--out={tmp_path}", "--seeds=1", "--max_iters=4", "--jobs=2", "--threads=1",
             f"--pretrain_args=--task=mix --num_digits=4 --max_iters=3 --eval_interval=3 {tiny}",
             "--task_args=--task=twosort --num_digits=4 --train_size=40 --batch_size=8 "
-            "--eval_problems=16 --eval_iters=1 --variance_interval=0 --ppots_fit_iter=0 --log_interval=2"]
+            "--eval_problems=8 --eval_iters=1 --variance_interval=0 --ppots_fit_iter=0 --log_interval=2",
+            "--train_args=--eval_interval=4"]
     assert reproduce_sft.main(args) == 0
     table = (tmp_path / "table.md").read_text()
     variance_md = (tmp_path / "variance.md").read_text()
@@ -2215,6 +2216,16 @@ def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path):
     assert "| Standard-2x | 16 | " in variance_md and "| MIRROR | 4 | " in variance_md  # clean rows
     recs = run_records(tmp_path)
     assert all(r["status"] == "ok" and r["clip_frac"] is not None and r["epochs"] > 0 for r in recs)
-    assert all([it for it, _ in r["curve"]] == [0, 1, 2, 3, 4] for r in recs)
+    assert all([it for it, _ in r["curve"]] == [0, 4] for r in recs)
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert reproduce_sft.main(args) == 0  # cached: the pretraining and every run
+
+
+def test_sft_pretraining_is_reused_only_under_the_same_flags(tmp_path, monkeypatch):
+    cfg = study.parse(reproduce_sft.SFT, [f"--out={tmp_path}"])
+    for kind in ("mdm", "arm"):
+        os.makedirs(tmp_path / "pretrain" / kind)
+        json.dump(reproduce_sft.pretrain_flags(cfg, kind), open(tmp_path / "pretrain" / kind / "flags.json", "w"))
+    monkeypatch.setattr(reproduce_sft.subprocess, "Popen", lambda *a, **k: pytest.fail("pretrained again"))
+    reproduce_sft.prepare(cfg, [])  # both cached: nothing runs
+    with pytest.raises(ValueError, match="pretrained with other flags: use a fresh --out"):
+        reproduce_sft.prepare(dict(cfg, pretrain_args=cfg["pretrain_args"] + " --max_iters=7"), [])
