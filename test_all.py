@@ -33,6 +33,10 @@ What it checks, section by section:
   {out} in flags is the absolute --out; a run's record keeps clipped steps, curve and epochs.
 - data.py and sample.py: the shipped corpus, a text checkpoint's stored vocabulary, temperature
   sampling, the largest correct num_digits, prompt layouts, generate()'s arguments.
+- the SFT regime: twosort and mix rows are correct; a finite set gives every example once per
+  epoch, the same set for every seed, never a held-out problem; fine-tuning starts from the
+  checkpoint's weights in its shape, refuses another vocabulary or shape, and resumes bit-exactly;
+  a tiny reproduce_sft.py study writes every arm's row and its step-0 variance.
 - scale: sliced masks equal one call; float32 loss under bfloat16; compile vs eager (skipped
   without a C++ compiler); 2 processes under torchrun train like 1; bench.py prints every figure.
 Statistical checks use fixed seeds and tolerances derived from the Monte Carlo standard error."""
