@@ -59,7 +59,8 @@ from checkpoint import load_checkpoint
 from configurator import report_errors
 from data import task_from_checkpoint, training_set
 from masking import mask_spec_from_config
-from samplers import build_ppots, make_sampler
+from sample import accuracy
+from samplers import build_ppots, make_sampler, sampler_from_state
 from stats import fmt_diff
 
 MDM, ARM = "--init_from={out}/pretrain/mdm/ckpt.pt", "--init_from={out}/pretrain/arm/ckpt.pt"
@@ -93,7 +94,8 @@ DEFAULTS = dict(
     pretrain_args=PRETRAIN,
     task_args=(f"--task=twosort --num_digits=12 --train_size={TRAIN_SIZE} --batch_size=32 "
                "--learning_rate=1e-3 --min_lr=0 --lr_schedule=linear --warmup_iters=0 "
-               "--grad_clip=1.0 --eval_problems=256 --variance_interval=0 --ppots_fit_iter=0"),
+               "--grad_clip=1.0 --eval_problems=256 --eval_problems_mid=128 --variance_interval=0 "
+               "--ppots_fit_iter=0"),
     train_args="", jobs=2, threads=1, quick=False)
 QUICK = dict(seeds=2, max_iters=40, out="results_sft_quick",
              pretrain_args=PRETRAIN.replace("--max_iters=2000", "--max_iters=300"),
@@ -101,9 +103,10 @@ QUICK = dict(seeds=2, max_iters=40, out="results_sft_quick",
 
 
 def schedule(it):
-    """Evaluated at 0, 1/4, 1/2, 3/4 and the end (the figure's points); no variance logging: the
-    step-0 variance of every arm is measured once, by report()."""
-    return [f"--eval_interval={max(1, it // 4)}"]
+    """Evaluated at 1/4, 1/2, 3/4 and the end (the figure's points, with step 0: the pretrained
+    model's accuracy, the same for every run of a model type, measured once by report()); no
+    variance logging: the step-0 variance of every arm is measured once, by report()."""
+    return [f"--eval_interval={max(1, it // 4)}", "--eval_at_start=False"]
 
 
 def pretrain_flags(cfg, kind):
@@ -141,10 +144,25 @@ def prepare(cfg, jobs):
         print(f"pretrained the {kind.upper()} in {time.time() - start:.0f} s")
 
 
-def clean_rows(conf):
-    """x0 rows per step: batch_size, halved for mirror/pair at matched compute (train.py)."""
-    paired = conf["masking"] in ("mirror", "pair") and conf["matched_compute"]
-    return conf["batch_size"] // 2 if paired else conf["batch_size"]
+def pretrained(cfg, conf):
+    """(the pretrained model that a run with train.py config `conf` starts from, its SFT task as
+    that run trains on it)."""
+    kind = "arm" if conf["model_type"] == "arm" else "mdm"
+    model, ckpt = load_checkpoint(os.path.join(cfg["out"], "pretrain", kind, "ckpt.pt"))
+    return model, training_set(conf, task_from_checkpoint(dict(ckpt, config=conf)))
+
+
+def step0_accuracy(cfg, jobs):
+    """{arm: held-out exact match before SFT}, on the problems of the final evaluation: the runs
+    skip their step-0 evaluation, which is the same for every seed and every arm of one model type
+    (eval_at_start=False)."""
+    by_kind, acc = {}, {}
+    for arm in cfg["methods"]:
+        conf = next(j["conf"] for j in jobs if j["method"] == arm)
+        if conf["model_type"] not in by_kind:
+            by_kind[conf["model_type"]] = accuracy(*pretrained(cfg, conf), conf["eval_problems"])
+        acc[arm] = by_kind[conf["model_type"]]
+    return acc
 
 
 STEP0 = dict(n_x0=32, n_t=8, n_masks=2, n_proj=4)  # the step-0 variance draws per arm
@@ -158,13 +176,14 @@ def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
     draws, rows = {}, {}
     for arm in tqdm(cfg["methods"], desc="step-0 variance"):
         conf = next(j["conf"] for j in jobs if j["method"] == arm and j["seed"] == 0)
-        kind = "arm" if conf["model_type"] == "arm" else "mdm"
-        model, ckpt = load_checkpoint(os.path.join(cfg["out"], "pretrain", kind, "ckpt.pt"))
-        task = training_set(conf, task_from_checkpoint(dict(ckpt, config=conf)))
+        model, task = pretrained(cfg, conf)
         spec = mask_spec_from_config(conf, task)
-        if kind == "arm":
+        run_ckpt = os.path.join(study.run_dir(cfg, arm, 0), "ckpt.pt")
+        if conf["model_type"] == "arm":
             sampler = None
-        elif conf["t_sampler"] == "ppots":
+        elif conf["t_sampler"] == "ppots" and os.path.exists(run_ckpt):  # the fit it trained with
+            sampler = sampler_from_state(load_checkpoint(run_ckpt)[1]["sampler"])
+        elif conf["t_sampler"] == "ppots":  # that run failed: fit as it would have
             sampler = build_ppots(model, task, spec, generator=torch.Generator().manual_seed(0),
                                   fit=conf["ppots_fit"], support=conf["ppots_support"])
         else:
@@ -172,7 +191,7 @@ def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
         res = variance.measure(model, task, sampler, spec, n_x0, n_t, n_masks, target="grad",
                                generator=torch.Generator().manual_seed(0), n_proj=n_proj,
                                keep_draws=True)
-        draws[arm], rows[arm] = res["draws"], clean_rows(conf)
+        draws[arm], rows[arm] = res["draws"], study.clean_rows(conf)
     return draws, rows
 
 
@@ -229,6 +248,9 @@ def report(cfg, summary, jobs):
     """variance.md (variance_vs_outcome) and curves.png (accuracy against step and forward rows,
     mean and a band of ± 1 std over seeds)."""
     text, rows = variance_vs_outcome(cfg, summary, jobs)
+    acc0 = step0_accuracy(cfg, jobs)
+    text += "\nHeld-out exact match before SFT (step 0, the final evaluation's problems): " + \
+        ", ".join(f"{arm} {acc0[arm]:.3f}" for arm in cfg["methods"]) + ".\n"
     with open(os.path.join(cfg["out"], "variance.md"), "w") as f:
         f.write("# Step-0 gradient variance and outcome\n\n" + text)
     with open(os.path.join(cfg["out"], "variance.json"), "w") as f:
@@ -240,8 +262,8 @@ def report(cfg, summary, jobs):
         conf = next(j["conf"] for j in jobs if j["method"] == arm)
         per_step = study.forward_rows(conf, 0)[0] / conf["max_iters"]
         if recs:
-            its = [it for it, _ in recs[0]["curve"]]
-            acc = np.array([[a for _, a in r["curve"]] for r in recs])
+            its = [0] + [it for it, _ in recs[0]["curve"]]
+            acc = np.array([[acc0[arm]] + [a for _, a in r["curve"]] for r in recs])
             curves[arm] = dict(iters=its, rows=[it * per_step for it in its],
                                mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
     figures.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))

@@ -170,18 +170,22 @@ def plan(study, cfg):
     return jobs
 
 
-def forward_rows(conf, curve_rows):
-    """(training, P-POTS curve) forward rows of a run with train.py config `conf`: max_iters x clean
-    rows per step (batch_size, halved for mirror/pair at matched compute) x views (2 for
-    mirror/pair); one curve of curve_rows per P-POTS measurement (a refit measures again unless
-    online)."""
+def clean_rows(conf):
+    """x0 rows per step of a run with train.py config `conf`: batch_size, halved for mirror/pair
+    at matched compute (as train.py's `rows`)."""
     paired = conf["masking"] in ("mirror", "pair")
-    clean = conf["batch_size"] // 2 if paired and conf["matched_compute"] else conf["batch_size"]
-    views = 2 if paired and conf["model_type"] == "mdm" else 1
+    return conf["batch_size"] // 2 if paired and conf["matched_compute"] else conf["batch_size"]
+
+
+def forward_rows(conf, curve_rows):
+    """(training, P-POTS curve) forward rows of a run with train.py config `conf`: max_iters x
+    clean_rows x views (2 for mirror/pair); one curve of curve_rows per P-POTS measurement (a refit
+    measures again unless online)."""
+    views = 2 if conf["masking"] in ("mirror", "pair") and conf["model_type"] == "mdm" else 1
     every = 0 if conf["ppots_online"] else conf["ppots_refit_every"]
     fits = len(range(conf["ppots_fit_iter"], conf["max_iters"], every or max(1, conf["max_iters"])))
     fits *= conf["t_sampler"] == "ppots"
-    return conf["max_iters"] * clean * views, fits * curve_rows * views
+    return conf["max_iters"] * clean_rows(conf) * views, fits * curve_rows * views
 
 
 def load_runs(path):
@@ -242,10 +246,14 @@ def final_result(out_dir, returncode, max_iters):
                 curve=[[r["iter"], r["acc"]] for r in log if "acc" in r])
 
 
+def run_dir(cfg, method, seed):
+    return os.path.abspath(os.path.join(cfg["out"], "runs", f"{method}_s{seed}"))
+
+
 def run(cfg, job, threads):
     """Train one (method, seed) in a subprocess with `threads` torch threads; its record, status
     'ok' with the final metrics or 'failed' with the reason."""
-    out_dir = os.path.abspath(os.path.join(cfg["out"], "runs", f"{job['method']}_s{job['seed']}"))
+    out_dir = run_dir(cfg, job["method"], job["seed"])
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()

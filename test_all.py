@@ -2204,14 +2204,17 @@ def test_fine_tuning_on_a_finite_set_logs_epochs_and_clipping_and_resumes_bit_ex
 
 
 @pytest.mark.e2e
-def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path):
-    """Every arm, 1 seed, tiny model and budget: pretraining, the table, variance.md, the figure."""
+def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path, monkeypatch):
+    """Every arm, 1 seed, tiny model and budget: pretraining, the table, variance.md, the figure.
+    P-POTS without its EPR fit and a small step-0 variance keep it under a minute (the EPR fit and
+    variance.measure have their own tests)."""
     tiny = "--n_layer=1 --n_head=2 --n_embd=32 --batch_size=16 --variance_interval=0 --seed=0"
     args = [f"--out={tmp_path}", "--seeds=1", "--max_iters=4", "--jobs=2", "--threads=1",
             f"--pretrain_args=--task=mix --num_digits=4 --max_iters=3 --eval_interval=3 {tiny}",
             "--task_args=--task=twosort --num_digits=4 --train_size=40 --batch_size=8 "
-            "--eval_problems=8 --eval_iters=1 --variance_interval=0 --ppots_fit_iter=0 --log_interval=2",
-            "--train_args=--eval_interval=4"]
+            "--eval_problems=8 --eval_iters=1 --variance_interval=0 --ppots_fit_iter=0 --log_interval=2 "
+            "--ppots_fit=none", "--train_args=--eval_interval=2"]
+    monkeypatch.setattr(reproduce_sft, "STEP0", dict(n_x0=8, n_t=4, n_masks=2, n_proj=2))
     assert reproduce_sft.main(args) == 0
     table = (tmp_path / "table.md").read_text()
     variance_md = (tmp_path / "variance.md").read_text()
@@ -2220,8 +2223,8 @@ def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path):
     assert "| Standard-2x | 16 | " in variance_md and "| MIRROR | 4 | " in variance_md  # clean rows
     recs = run_records(tmp_path)
     assert all(r["status"] == "ok" and r["clip_frac"] is not None and r["epochs"] > 0 for r in recs)
-    assert all([it for it, _ in r["curve"]] == [0, 4] for r in recs)
-    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert all([it for it, _ in r["curve"]] == [2, 4] for r in recs)  # no step 0: report() has it
+    assert "before SFT (step 0" in variance_md and (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_sft_pretraining_is_reused_only_under_the_same_flags(tmp_path, monkeypatch):

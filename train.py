@@ -57,7 +57,9 @@ report_errors()  # bad input: one `error:` line (configurator.py)
 out_dir = "out"
 eval_interval = 200
 eval_iters = 4  # val batches for the ELBO
-eval_problems = 512  # held-out prompts for exact-match accuracy (synthetic tasks)
+eval_problems = 512  # held-out prompts for exact-match accuracy (synthetic tasks), last evaluation
+eval_problems_mid = 0  # the same at the evaluations before the last (0 = eval_problems)
+eval_at_start = True  # evaluate before the first step of a fresh run (iteration 0)
 log_interval = 10
 # 'scratch', 'resume' (the checkpoint's config is the base; see checkpoint.py) or a checkpoint's
 # path: fine-tune its (evaluated) weights, with its shape and vocabulary; fresh optimizer,
@@ -158,14 +160,14 @@ elif init_from != "scratch":  # a path: fine-tune its weights, in its shape
 check_ranges(config, {
     "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_iters": (0, None),
     "eval_interval": (1, None), "eval_iters": (1, None), "eval_problems": (1, None),
-    "log_interval": (1, None), "num_digits": (1, None), "n_layer": (1, None), "n_head": (1, None),
-    "n_embd": (1, None), "dropout": (0.0, 0.99), "warmup_iters": (0, None),
-    "lr_decay_iters": (0, None), "min_lr": (0.0, None), "weight_decay": (0.0, None),
-    "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999), "grad_clip": (0.0, None),
-    "ppots_fit_iter": (0, None), "ppots_refit_every": (0, None), "cv_bins": (0, None),
-    "variance_interval": (0, None), "variance_n_x0": (2, None), "variance_n_t": (2, None),
-    "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None), "sample_length": (0, None),
-    "sample_block_length": (1, None), "train_size": (0, None)})
+    "eval_problems_mid": (0, None), "log_interval": (1, None), "num_digits": (1, None),
+    "n_layer": (1, None), "n_head": (1, None), "n_embd": (1, None), "dropout": (0.0, 0.99),
+    "warmup_iters": (0, None), "lr_decay_iters": (0, None), "min_lr": (0.0, None),
+    "weight_decay": (0.0, None), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999),
+    "grad_clip": (0.0, None), "ppots_fit_iter": (0, None), "ppots_refit_every": (0, None),
+    "cv_bins": (0, None), "variance_interval": (0, None), "variance_n_x0": (2, None),
+    "variance_n_t": (2, None), "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None),
+    "sample_length": (0, None), "sample_block_length": (1, None), "train_size": (0, None)})
 for key, allowed in (("model_type", ("mdm", "arm")),
                      ("t_sampler", SAMPLERS),
                      ("masking", MODES),
@@ -310,7 +312,8 @@ def evaluate():
         raise ValueError(f"iteration {iter_num}: the val ELBO is {val_nats}; nothing was saved")
     record = {"iter": iter_num, "val_nats": val_nats, "val_bits": val_nats / math.log(2)}
     if hasattr(dataset, "prompts"):
-        record["acc"] = accuracy(eval_model, dataset, eval_problems)
+        n = eval_problems if iter_num == max_iters else eval_problems_mid or eval_problems
+        record.update(acc=accuracy(eval_model, dataset, n), problems=n)
     log(record)
     acc = f" | held-out exact match {record['acc']:.3f}" if "acc" in record else ""
     tqdm.write(f"iter {iter_num}: val {val_nats:.4f} nats/token = {record['val_bits']:.4f} "
@@ -419,7 +422,7 @@ while True:
             figures.plot_ppots(sampler, os.path.join(out_dir, "ppots.png"))
             tqdm.write(f"iter {iter_num}: P-POTS {sampler.describe()}")
     if master and (iter_num % eval_interval == 0 and iter_num > start_iter
-                   or iter_num == max_iters or iter_num == 0):
+                   or iter_num == max_iters or iter_num == 0 and eval_at_start):
         evaluate()
         if iter_num > start_iter:
             checkpoint()
