@@ -38,8 +38,13 @@ Standard seed 0 (and 1), 2,000 examples, batch 32, linear decay to 0:
   - twosort, 12 digits (the task here), pretrained 3 x 96 for S steps, then 200 SFT steps at lr
     1e-3: S = 500: 1.2 %; S = 1,000: 14.5 %; S = 1,500: 26.6 %; S = 2,000: 32.0 % and 31.6 %
     (seeds 0 and 1), up from 4.3 % before SFT, still rising at the end (25.8 % at step 150,
-    when the linear decay has 1/4 of the rate left). 2,000 pretraining steps and 200 SFT steps
-    (3.2 epochs) is what the budget holds; Standard is near its budget's end, not at a plateau.
+    when the linear decay has 1/4 of the rate left).
+  - The plateau, from the same pretrained MDM (final exact match against the run's length S,
+    the linear decay ending at S; seeds 0 and 1): lr 1e-3: S = 200: 32.0 / 31.6 %; 300: 42.6 /
+    38.3 %; 400: 53.9 / 56.6 %. lr 2e-3: S = 250: 42.6 / 44.5 %; 400: 61.3 %; 600: 93.0 %
+    (seed 0). lr 3e-3: S = 250: 37.5 / 40.6 %. Standard's plateau on this task is above 90 %,
+    reached after >= 600 steps (9.6 epochs); 14 arms x 10 seeds x 600 steps do not fit the
+    budget on 2 cores. The study runs S = 200 at lr 1e-3, mid-curve, where the arms still differ.
 """
 import json
 import os
