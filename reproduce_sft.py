@@ -42,9 +42,17 @@ Standard seed 0 (and 1), 2,000 examples, batch 32, linear decay to 0:
   - The plateau, from the same pretrained MDM (final exact match against the run's length S,
     the linear decay ending at S; seeds 0 and 1): lr 1e-3: S = 200: 32.0 / 31.6 %; 300: 42.6 /
     38.3 %; 400: 53.9 / 56.6 %. lr 2e-3: S = 250: 42.6 / 44.5 %; 400: 61.3 %; 600: 93.0 %
-    (seed 0). lr 3e-3: S = 250: 37.5 / 40.6 %. Standard's plateau on this task is above 90 %,
-    reached after >= 600 steps (9.6 epochs); 14 arms x 10 seeds x 600 steps do not fit the
-    budget on 2 cores. The study runs S = 200 at lr 1e-3, mid-curve, where the arms still differ.
+    (seed 0). lr 3e-3: S = 250: 37.5 / 40.6 %.
+  - Smaller models, on one H200 (the same flags with --n_layer/--n_embd and the pretraining's
+    --max_iters changed; CUDA draws differ from the CPU's): 2 x 64 pretrained 2,000 steps (0 %
+    before SFT), lr 1e-3: S = 300: 12.5 / 14.1 %, 600: 49.2 / 49.6 %, 1,000: 91.8 / 85.9 %;
+    lr 2e-3: 32.4 / 29.3 %, 78.9 / 89.1 %, 98.4 / 97.3 %. 2 x 64 pretrained 4,000 steps (60.2 %
+    before SFT) and 3 x 64 pretrained 3,000 (51.6 %): >= 92 % after 300 steps, >= 97 % after
+    600. 3 x 96 pretrained 2,000 (5.1 %), lr 1e-3: 29.7 / 34.8 % at S = 300, 71.5 % at 600.
+  So every shape tried plateaus above 90 % on this task, after >= 600 steps from a weak start
+  or within 300 from a strong one (where Standard is then saturated). 14 arms x 10 seeds x 600
+  steps of 3 x 96 do not fit the budget on 2 cores; the study runs S = 200 at lr 1e-3, mid-curve,
+  where the arms still differ. A plateau inside 30-80 % needs a task these models cannot finish.
 """
 import json
 import os
