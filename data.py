@@ -1,5 +1,5 @@
-"""Tasks, generated offline: every example is a clean sequence x0 = prompt + response, with a
-boolean `eligible` marking the maskable (response) positions.
+"""The tasks and their registry. Tasks are generated offline: every example is a clean sequence
+x0 = prompt + response, with a boolean `eligible` marking the maskable (response) positions.
 
   sort        "31415926=" -> "11234569"       k digits, sorted              (T = 2k + 1)
   add         "123+958="  -> "1081"           n-digit addition, zero-padded (T = 3n + 3)
@@ -7,11 +7,12 @@ boolean `eligible` marking the maskable (response) positions.
                                               T = 3k + 2)
   mix         the pretraining mixture: twosorts and additions of every size, padded with
               '.' to the length of the n-digit twosort (T = 3n + 2)
-  text        any UTF-8 file, char-level      no prompt, every char maskable (T = block_size)
+  text        any UTF-8 file, char-level      no prompt, every char maskable (T = block_size);
+              TextTask, in text.py
 
 twosort and mix share one vocabulary (WORKED: the digits, '+', '=', '|', '.'), so a model
 pretrained on mix fine-tunes on twosort (train.py --init_from=PATH): the laptop analogue of the
-paper's regime, with FiniteTrainSet as the finite SFT set (reproduce_sft.py).
+paper's regime, with finetune.py's FiniteTrainSet as the finite SFT set (reproduce_sft.py).
 
 Held-out problems never appear in training: a synthetic problem is in `val` iff a fixed hash of
 the problem (its digits as an integer) falls in the bottom 10 %; `batch` rejects the others. The
@@ -27,29 +28,25 @@ problem digits; the sum, < 2 * 10**9, is far inside int64). The hash never overf
 Each synthetic task also names the token sets of two supplementary methods (masking.py): ISAD's
 critical set S (isad_positions) and SyRM's prompt syntax (syntax_positions, the '+' and '=' tokens).
 Text and mix have neither: text has no prompt, mix no single layout.
-"""
-import os
 
+The registry at the end builds every task, text included: by name (TASKS, get_task), from a
+train.py config (task_from_config) or from a checkpoint (task_from_checkpoint). What fine-tuning
+adds, the finite training set and the check that a checkpoint fits a task, is in finetune.py.
+"""
 import torch
+
+from text import TextTask, few_chars, find_data_file
 
 DIGITS = "0123456789+="  # sort and add's vocabulary; [MASK] comes last
 WORKED = DIGITS + "|."  # twosort and mix's: '|' parts a response, '.' pads one
 VAL_FRACTION = 0.1
 MAX_PROBLEM_DIGITS = 18  # a problem's digits as one int64 code: 10**18 - 1 fits, 10**19 - 1 not
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _in_val(code):
     """Deterministic split of the problem space: hash the problem's integer code."""
     h = ((code % 2147483647) * 2654435761) % 4294967291
     return (h % 1000) < int(1000 * VAL_FRACTION)
-
-
-def few_chars(chars, limit=10):
-    """A few characters for an error message: 'QZ!', or 'abcdefghij' and 5 more."""
-    chars = sorted(chars)
-    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
-    return f"{''.join(chars[:limit])!r}{more}"
 
 
 def _check_num_digits(name, num_digits, largest, why):
@@ -258,173 +255,6 @@ class MixTask:
         raise ValueError("task=mix has no single prompt layout for SyRM; use --syrm_alpha=1")
 
 
-TRAIN_SET_SEED = 20_251_122  # draws the finite training set: the same set for every run seed
-
-
-class FiniteTrainSet:
-    """A finite training set (train.py --train_size=N): N examples of `task`, drawn once from its
-    train split with TRAIN_SET_SEED, so the set is the same for every run seed.
-
-      next_batch(n, generator)  the training stream, in epochs: each epoch is a fresh permutation
-                                drawn from `generator` (train.py's x0 stream), and each call hands
-                                out the next n examples, crossing into the next epoch where one
-                                ends: every example once per epoch
-      batch(n, "train", g)      n examples drawn uniformly from the set (i.i.d.), for anything
-                                else that reads the training distribution (P-POTS's curve,
-                                variance.py): it leaves the epoch stream untouched
-      batch(n, "val", g)        the task's held-out problems, never in the set
-    The prompts, vocabulary and layout are the task's own. State (for resume): the permutation,
-    the position in it, the examples handed out.
-    """
-
-    def __init__(self, task, size):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"a finite training set needs size >= 1, got {size!r}")
-        if isinstance(task, TextTask):
-            raise ValueError("task=text is already a finite corpus: use --train_size=0")
-        self.task = task
-        self.x0, self.eligible = task.batch(size, "train",
-                                            torch.Generator().manual_seed(TRAIN_SET_SEED))
-        self.order, self.pos, self.seen = torch.arange(size), size, 0  # an epoch starts first
-
-    def __getattr__(self, name):  # everything but the train split is the task's
-        if name == "task":
-            raise AttributeError(name)
-        return getattr(self.task, name)
-
-    @property
-    def epoch(self):
-        """Epochs completed, fractional: examples handed out by next_batch / N."""
-        return self.seen / len(self.x0)
-
-    def next_batch(self, n, generator=None):
-        take, have = [], 0
-        while have < n:
-            if self.pos == len(self.order):
-                self.order, self.pos = torch.randperm(len(self.x0), generator=generator), 0
-            part = self.order[self.pos:self.pos + n - have]
-            take.append(part)
-            self.pos, have = self.pos + len(part), have + len(part)
-        idx = torch.cat(take)
-        self.seen += n
-        return self.x0[idx], self.eligible[idx]
-
-    def batch(self, n, split, generator=None):
-        if split != "train":
-            return self.task.batch(n, split, generator)
-        idx = torch.randint(len(self.x0), (n,), generator=generator)
-        return self.x0[idx], self.eligible[idx]
-
-    def state_dict(self):
-        return {"order": self.order, "pos": self.pos, "seen": self.seen}
-
-    def load_state_dict(self, sd):
-        self.order, self.pos, self.seen = sd["order"], sd["pos"], sd["seen"]
-
-
-def find_data_file(path):
-    """Where a data file is: `path` itself if it is a file (relative to the current directory),
-    else a relative `path` under the repository (the folder of data.py), else None."""
-    if os.path.isfile(path):
-        return path
-    in_repo = os.path.join(HERE, path)
-    return in_repo if not os.path.isabs(path) and os.path.isfile(in_repo) else None
-
-
-class TextTask:
-    """Char-level text from any UTF-8 file; all positions maskable; 90/10 split by position.
-
-    data_path: the file; a relative path is looked up in the current directory, then in the
-    repository (so data/tinyshakespeare.txt works from anywhere). block_size: the window, >= 2.
-    chars: the vocabulary a checkpoint stored (its TextTask's `.chars`, the sorted characters of
-    its training file). Without it the vocabulary is the file's own characters; with it the
-    vocabulary is exactly `chars` (mask id = len(chars)) and a file with any other character is
-    refused. With `chars` the file may be left out (data_path=""): such a task encodes, decodes
-    and generates (vocab_size, mask_id, block_size), but has no splits and `batch` refuses.
-    """
-
-    def __init__(self, data_path=None, block_size=256, chars=None):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-            raise ValueError(f"task=text needs block_size >= 2, got {block_size!r}: a 1-character "
-                             "window gives an ARM no next-token target and an MDM no context, and "
-                             "leaves no room to generate after a 1-character prompt")
-        if chars is not None:
-            chars = list(chars)
-            single = all(isinstance(c, str) and len(c) == 1 for c in chars)
-            if not chars or not single or len(set(chars)) < len(chars):
-                raise ValueError("a stored text vocabulary must be a non-empty list of distinct "
-                                 "characters")
-        if not data_path and chars is None:
-            raise ValueError("task=text needs --data_path=FILE (any UTF-8 text file)")
-        self.split = None
-        self.seq_len = self.block_size = block_size
-        text = self._read(data_path) if data_path else None
-        self.chars = chars if chars is not None else sorted(set(text))
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size, self.mask_id = len(self.chars) + 1, len(self.chars)
-        if text is None:
-            return
-        unknown = set(text) - set(self.stoi)
-        if unknown:
-            raise ValueError(f"data file {data_path} has {len(unknown)} characters not in the "
-                             f"stored vocabulary: {few_chars(unknown)}")
-        data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
-        n_train = int(0.9 * len(data))
-        self.split = {"train": data[:n_train], "val": data[n_train:]}
-        for name, part in self.split.items():
-            if len(part) < block_size + 1:
-                raise ValueError(f"data file {data_path} is too short: its {name} split has "
-                                 f"{len(part)} chars, block_size+1 = {block_size + 1} needed "
-                                 "(use a longer file or a smaller block_size)")
-
-    @property
-    def symbols(self):  # the vocabulary, as the synthetic tasks name theirs
-        return self.chars
-
-    @staticmethod
-    def _read(data_path):
-        path = find_data_file(data_path)
-        if path is None:
-            raise ValueError(f"data file {data_path} not found")
-        try:
-            text = open(path, encoding="utf-8").read()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"data file {data_path} is not UTF-8 text ({e.reason} at byte "
-                             f"{e.start})") from None
-        if not text:
-            raise ValueError(f"data file {data_path} is empty")
-        return text
-
-    def batch(self, n, split, generator=None):
-        if self.split is None:
-            raise ValueError("this text task has no data file "
-                             "(it was built from a stored vocabulary, for sampling); "
-                             "give --data_path=FILE to train or evaluate")
-        if split not in self.split:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-        data = self.split[split]
-        start = torch.randint(0, len(data) - self.block_size, (n,), generator=generator)
-        x0 = data[start[:, None] + torch.arange(self.block_size)]
-        return x0, torch.ones_like(x0, dtype=torch.bool)
-
-    def encode(self, s):
-        unknown = set(s) - set(self.stoi)
-        if unknown:
-            raise ValueError(f"prompt has characters not in the vocabulary: {few_chars(unknown)}")
-        return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
-
-    def decode(self, ids):
-        return "".join("_" if i == self.mask_id else self.chars[i] for i in ids.tolist())
-
-    def isad_positions(self, rule="default"):
-        raise ValueError("task=text has no answer delimiter or critical tokens for ISAD; "
-                         "use --isad_tokens=none")
-
-    def syntax_positions(self):
-        raise ValueError("task=text has no prompt, so every token is already maskable and SyRM has "
-                         "no syntax to add; use --syrm_alpha=1")
-
-
 TASKS = {"sort": SortTask, "add": AddTask, "twosort": TwoWaySortTask, "mix": MixTask,
          "text": TextTask}
 
@@ -446,28 +276,6 @@ def task_from_config(config, vocab=None):
         return get_task(name, data_path=config["data_path"], block_size=config["block_size"],
                         chars=vocab)
     return get_task(name, num_digits=config["num_digits"])
-
-
-def training_set(config, task):
-    """The task train.py trains on: `task` itself, or its FiniteTrainSet of config["train_size"]
-    examples (0 = fresh examples every step)."""
-    return FiniteTrainSet(task, config["train_size"]) if config.get("train_size") else task
-
-
-def check_fits(task, name, ckpt, path):
-    """ValueError unless task `name` fits the model of checkpoint `ckpt` (train.py
-    --init_from=path): the same vocabulary, symbol for symbol, and sequences no longer than the
-    model's block_size."""
-    have, want = list(task_from_checkpoint(ckpt).symbols), list(task.symbols)
-    if have != want:
-        raise ValueError(f"{path} was trained on task={ckpt['config']['task']}, whose vocabulary "
-                         f"({len(have)} symbols: {few_chars(have, 16)}) is not task={name}'s "
-                         f"({len(want)}: {few_chars(want, 16)}): fine-tune on a task with the "
-                         f"checkpoint's vocabulary (e.g. mix -> twosort)")
-    block = ckpt["model_args"]["block_size"]
-    if task.seq_len > block:
-        raise ValueError(f"task={name} has sequences of {task.seq_len} tokens, {path}'s model "
-                         f"takes at most {block}: fine-tune on shorter sequences")
 
 
 def task_from_checkpoint(ckpt, need_data=False):

@@ -70,7 +70,8 @@ import study
 import variance
 from checkpoint import load_checkpoint
 from configurator import report_errors
-from data import task_from_checkpoint, training_set
+from data import task_from_checkpoint
+from finetune import training_set
 from masking import mask_spec_from_config
 from sample import accuracy
 from samplers import build_ppots, make_sampler, sampler_from_state

@@ -31,8 +31,8 @@ What it checks, section by section:
   arms: CI covers 0 and p >= 0.05 in >= 90 % of repeats; a shifted arm is detected); failed runs
   are marked, never 0.000; a torn cache line is dropped; --jobs does not change the records;
   {out} in flags is the absolute --out; a run's record keeps clipped steps, curve and epochs.
-- data.py and sample.py: the shipped corpus, a text checkpoint's stored vocabulary, temperature
-  sampling, the largest correct num_digits, prompt layouts, generate()'s arguments.
+- data.py, text.py and sample.py: the shipped corpus, a text checkpoint's stored vocabulary,
+  temperature sampling, the largest correct num_digits, prompt layouts, generate()'s arguments.
 - the SFT regime: twosort and mix rows are correct; a finite set gives every example once per
   epoch, the same set for every seed, never a held-out problem; fine-tuning starts from the
   checkpoint's weights in its shape, refuses another vocabulary or shape, and resumes bit-exactly;
@@ -61,8 +61,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import figures
+import finetune
 import reproduce
 import reproduce_sft
 import sample
@@ -71,7 +71,7 @@ import study
 import variance
 from checkpoint import load_checkpoint
 from control_variate import LossControlVariate
-from data import AddTask, SortTask, TextTask, _in_val, get_task
+from data import AddTask, SortTask, _in_val, get_task
 from figures import plot_ppots, plot_variance
 from masking import (EPS, MaskSpec, arm_loss, draw_masks, isad_rates, mask_rate, mask_spec_from_config,
                      mdm_loss, mirror_masks, pair_masks, random_mask, row_losses, syrm_loss)
@@ -80,6 +80,7 @@ from sample import generate, text_sample
 from samplers import (CELLS, PPOTSSampler, build_ppots, curve_integrals, epr_log_density,
                       extended_sqrt_m, log_normalise, make_sampler, measure_curve, sampler_from_state,
                       tail_coefficients)
+from text import TextTask
 from variance import bootstrap_x0, decompose, draw_rates, format_line, measure, naive_decompose
 
 # torch's forward-mode AD (variance.py, target='grad') loads jit-scripted decompositions on first use
@@ -1478,7 +1479,7 @@ def test_bad_input(call, match):
         call()
 
 
-# ----------------------------------------------------------------------------- data.py and sample.py: shipped text, vocabulary, temperature, limits
+# ----------------------------------------------------------------------------- data.py, text.py and sample.py: shipped text, vocabulary, temperature, limits
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 20
 
@@ -2130,9 +2131,9 @@ def test_mix_rows_are_correct_problems_padded_with_eligible_dots():
 def test_a_finite_set_gives_every_example_once_per_epoch_the_same_set_for_every_seed():
     task = get_task("twosort", num_digits=6)
     torch.manual_seed(123)
-    one = data.FiniteTrainSet(task, 50)
+    one = finetune.FiniteTrainSet(task, 50)
     torch.manual_seed(456)
-    two = data.FiniteTrainSet(task, 50)
+    two = finetune.FiniteTrainSet(task, 50)
     assert torch.equal(one.x0, two.x0)  # drawn with TRAIN_SET_SEED, not the run's RNG
     pool = sorted(map(tuple, one.x0.tolist()))
     assert len(set(pool)) == 50

@@ -45,7 +45,8 @@ from checkpoint import (append_log, finetune_config, load_checkpoint, lock_out_d
                         resumed_config, rng_state, save_checkpoint, set_rng_state, start_log)
 from configurator import check_ranges, configure_globals, given_keys, report_errors
 from control_variate import LossControlVariate
-from data import check_fits, task_from_checkpoint, task_from_config, training_set
+from data import task_from_checkpoint, task_from_config
+from finetune import check_fits, training_set
 from masking import MODES, MaskSpec, draw_masks, mask_spec_from_config, row_losses
 from model import ModelConfig, Transformer, device_and_dtype, weight_ema
 from sample import TEXT_TEMPERATURE, accuracy, text_sample
@@ -67,9 +68,9 @@ log_interval = 10
 init_from = "scratch"
 seed = 1337
 # data
-task = "sort"  # sort | add | twosort | mix | text (data.py)
+task = "sort"  # sort | add | twosort | mix (data.py) | text (text.py)
 num_digits = 8  # sort, twosort: how many digits; add: per operand; mix: pads to twosort
-# > 0: a finite training set of this many examples, visited in epochs (data.FiniteTrainSet);
+# > 0: a finite training set of this many examples, visited in epochs (finetune.FiniteTrainSet);
 # 0 = fresh examples every step
 train_size = 0
 data_path = ""  # task=text: any UTF-8 file
