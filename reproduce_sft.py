@@ -49,10 +49,11 @@ Standard seed 0 (and 1), 2,000 examples, batch 32, linear decay to 0:
     lr 2e-3: 32.4 / 29.3 %, 78.9 / 89.1 %, 98.4 / 97.3 %. 2 x 64 pretrained 4,000 steps (60.2 %
     before SFT) and 3 x 64 pretrained 3,000 (51.6 %): >= 92 % after 300 steps, >= 97 % after
     600. 3 x 96 pretrained 2,000 (5.1 %), lr 1e-3: 29.7 / 34.8 % at S = 300, 71.5 % at 600.
-  So every shape tried plateaus above 90 % on this task, after >= 600 steps from a weak start
-  or within 300 from a strong one (where Standard is then saturated). 14 arms x 10 seeds x 600
-  steps of 3 x 96 do not fit the budget on 2 cores; the study runs S = 200 at lr 1e-3, mid-curve,
-  where the arms still differ. A plateau inside 30-80 % needs a task these models cannot finish.
+  So every shape tried reaches 86-100 % at one of the settings tried, after >= 600 steps from a
+  weak start or within 300 from a strong one (where Standard is then saturated): no plateau
+  inside 30-80 % was found. 14 arms x 10 seeds x 600 steps of 3 x 96 do not fit the budget on 2
+  cores; the study runs S = 200 at lr 1e-3, mid-curve, where the arms still differ. A plateau
+  inside 30-80 % needs a task that these models learn only in part however long they train.
 """
 import json
 import os
@@ -117,9 +118,10 @@ QUICK = dict(seeds=2, max_iters=40, out="results_sft_quick",
 
 
 def schedule(it):
-    """Evaluated at 1/4, 1/2, 3/4 and the end (the figure's points, with step 0: the pretrained
-    model's accuracy, the same for every run of a model type, measured once by report()); no
-    variance logging: the step-0 variance of every arm is measured once, by report()."""
+    """Evaluated at 1/4, 1/2 and 3/4 (on eval_problems_mid problems, the first of the final
+    evaluation's) and at the end, the figure's points with step 0: the pretrained model's accuracy,
+    the same for every run of a model type, measured once by report(). No variance logging: the
+    step-0 variance of every arm is measured once, by report()."""
     return [f"--eval_interval={max(1, it // 4)}", "--eval_at_start=False"]
 
 
@@ -167,15 +169,14 @@ def pretrained(cfg, conf):
 
 
 def step0_accuracy(cfg, jobs):
-    """{arm: held-out exact match before SFT}, on the problems of the final evaluation: the runs
-    skip their step-0 evaluation, which is the same for every seed and every arm of one model type
-    (eval_at_start=False)."""
-    by_kind, acc = {}, {}
-    for arm in cfg["methods"]:
-        conf = next(j["conf"] for j in jobs if j["method"] == arm)
-        if conf["model_type"] not in by_kind:
-            by_kind[conf["model_type"]] = accuracy(*pretrained(cfg, conf), conf["eval_problems"])
-        acc[arm] = by_kind[conf["model_type"]]
+    """{model type: held-out exact match before SFT}, on the final evaluation's problems, on the
+    CPU: the runs skip their step-0 evaluation (eval_at_start=False), which is the same for every
+    seed and every arm of one model type."""
+    acc = {}
+    for job in jobs:
+        kind = job["conf"]["model_type"]
+        if kind not in acc:
+            acc[kind] = accuracy(*pretrained(cfg, job["conf"]), job["conf"]["eval_problems"])
     return acc
 
 
@@ -189,15 +190,18 @@ def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
     n_x0 training examples, so the bootstrap over them pairs the arms."""
     draws, rows = {}, {}
     for arm in tqdm(cfg["methods"], desc="step-0 variance"):
-        conf = next(j["conf"] for j in jobs if j["method"] == arm and j["seed"] == 0)
+        job = next(j for j in jobs if j["method"] == arm and j["seed"] == 0)
+        conf = job["conf"]
         model, task = pretrained(cfg, conf)
         spec = mask_spec_from_config(conf, task)
-        run_ckpt = os.path.join(study.run_dir(cfg, arm, 0), "ckpt.pt")
+        # a finished run that fitted once saved the fit it trained with; otherwise fit as it does
+        reuse = job["record"]["status"] == "ok" and not conf["ppots_refit_every"]
         if conf["model_type"] == "arm":
             sampler = None
-        elif conf["t_sampler"] == "ppots" and os.path.exists(run_ckpt):  # the fit it trained with
-            sampler = sampler_from_state(load_checkpoint(run_ckpt)[1]["sampler"])
-        elif conf["t_sampler"] == "ppots":  # that run failed: fit as it would have
+        elif conf["t_sampler"] == "ppots" and reuse:
+            ckpt = load_checkpoint(os.path.join(study.run_dir(cfg, arm, 0), "ckpt.pt"))[1]
+            sampler = sampler_from_state(ckpt["sampler"])
+        elif conf["t_sampler"] == "ppots":
             sampler = build_ppots(model, task, spec, generator=torch.Generator().manual_seed(0),
                                   fit=conf["ppots_fit"], support=conf["ppots_support"])
         else:
@@ -259,12 +263,12 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
 
 
 def report(cfg, summary, jobs):
-    """variance.md (variance_vs_outcome) and curves.png (accuracy against step and forward rows,
-    mean and a band of ± 1 std over seeds)."""
+    """variance.md (variance_vs_outcome, and the pretrained models' accuracy) and curves.png
+    (accuracy against step and forward rows, mean and a band of ± 1 std over seeds)."""
     text, rows = variance_vs_outcome(cfg, summary, jobs)
     acc0 = step0_accuracy(cfg, jobs)
     text += "\nHeld-out exact match before SFT (step 0, the final evaluation's problems): " + \
-        ", ".join(f"{arm} {acc0[arm]:.3f}" for arm in cfg["methods"]) + ".\n"
+        ", ".join(f"{kind.upper()} {a:.3f}" for kind, a in acc0.items()) + ".\n"
     with open(os.path.join(cfg["out"], "variance.md"), "w") as f:
         f.write("# Step-0 gradient variance and outcome\n\n" + text)
     with open(os.path.join(cfg["out"], "variance.json"), "w") as f:
@@ -275,9 +279,10 @@ def report(cfg, summary, jobs):
         recs = [j["record"] for j in jobs if j["method"] == arm and j["record"]["status"] == "ok"]
         conf = next(j["conf"] for j in jobs if j["method"] == arm)
         per_step = study.forward_rows(conf, 0)[0] / conf["max_iters"]
-        if recs:
-            its = [0] + [it for it, _ in recs[0]["curve"]]
-            acc = np.array([[acc0[arm]] + [a for _, a in r["curve"]] for r in recs])
+        if recs:  # step 0 from step0_accuracy, unless the runs evaluated it themselves
+            start = [] if recs[0]["curve"][0][0] == 0 else [(0, acc0[conf["model_type"]])]
+            its = [it for it, _ in start + recs[0]["curve"]]
+            acc = np.array([[a for _, a in start + r["curve"]] for r in recs])
             curves[arm] = dict(iters=its, rows=[it * per_step for it in its],
                                mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
     figures.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))

@@ -2175,7 +2175,8 @@ SFT_FLAGS = ["--task=twosort", "--num_digits=4", "--train_size=40", "--batch_siz
 @pytest.mark.e2e
 def test_fine_tuning_starts_from_the_checkpoint_weights_in_its_shape(pretrained, tmp_path):
     argv = sys.argv
-    sys.argv = ["train.py", f"--init_from={pretrained}", f"--out_dir={tmp_path}", "--max_iters=0", *SFT_FLAGS]
+    sys.argv = ["train.py", f"--init_from={pretrained}", f"--out_dir={tmp_path}", "--max_iters=0",
+                "--eval_at_start=False", "--eval_problems_mid=4", *SFT_FLAGS]
     try:
         g = runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
     finally:
@@ -2186,17 +2187,23 @@ def test_fine_tuning_starts_from_the_checkpoint_weights_in_its_shape(pretrained,
     assert all(torch.equal(state[k], ckpt["model"][k]) for k in state)
     assert (g["n_layer"], g["n_embd"], g["model_type"]) == (1, 32, "mdm")  # the checkpoint's shape
     assert g["dataset"].epoch == 0 and len(g["dataset"].x0) == 40
+    # max_iters=0: iteration 0 is the last evaluation, so it runs, on all eval_problems
+    assert [(r["iter"], r["problems"]) for r in read_log(tmp_path) if "acc" in r] == [(0, 16)]
 
 
 @pytest.mark.e2e
 def test_fine_tuning_on_a_finite_set_logs_epochs_and_clipping_and_resumes_bit_exactly(pretrained, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    common = [f"--init_from={pretrained}", "--eval_interval=3", "--grad_clip=0.5", "--lr_decay_iters=8", *SFT_FLAGS]
+    common = [f"--init_from={pretrained}", "--eval_interval=3", "--grad_clip=0.5", "--lr_decay_iters=8",
+              "--eval_at_start=False", "--eval_problems_mid=4", *SFT_FLAGS]
     run("train.py", f"--out_dir={full}", "--max_iters=8", *common)
     run("train.py", f"--out_dir={part}", "--max_iters=4", *common)
     run("train.py", f"--out_dir={part}", "--max_iters=8", "--init_from=resume")
     steps = lambda d: [(r["iter"], r["loss"], r["epoch"], r["clip_frac"]) for r in read_log(d) if "loss" in r]
     assert steps(part) == steps(full) and len(steps(full)) == 8
+    evals = lambda d: [(r["iter"], r["problems"], r["acc"]) for r in read_log(d) if "acc" in r]
+    assert [e[:2] for e in evals(full)] == [(3, 4), (6, 4), (8, 16)]  # the last on all problems
+    assert [e for e in evals(part) if e[0] != 4] == evals(full)  # 4: the first call's last
     assert [s[2] for s in steps(full)] == [8 * i / 40 for i in range(1, 9)]
     assert all(s[3] in (0.0, 1.0) for s in steps(full))
     lrs = [r["lr"] for r in read_log(full) if "lr" in r]  # linear from 2e-3 to min_lr=0 at step 8
