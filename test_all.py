@@ -293,31 +293,31 @@ def _one_error_line(proc, *words):
 
 @pytest.mark.e2e
 def test_bad_input_gives_one_clear_error_line(tmp_path):
+    """Each script turns its ValueError into one `error:` line and a non-zero exit (the in-process
+    tables below rely on it); the other cases here raise that ValueError in-process."""
     _one_error_line(run("train.py", "--no_such_key=1", check=False), "no_such_key")
-    _one_error_line(run("train.py", "--max_iters=ten", check=False), "max_iters")
-    _one_error_line(run("train.py", "--batch_size=30", "--gradient_accumulation_steps=4", check=False),
-                    "do not split")
-    (tmp_path / "preset.py").write_text("max_iters = 10\nlearning_rat = 1e-3\n")
-    _one_error_line(run("train.py", str(tmp_path / "preset.py"), check=False), "learning_rat")
-    missing = str(tmp_path / "missing.txt")
-    _one_error_line(run("train.py", "--task=text", f"--data_path={missing}", check=False), "missing.txt")
-    binary = tmp_path / "binary.txt"
-    binary.write_bytes(b"\xff\xfe\x00caf\xe9" * 100)
-    _one_error_line(run("train.py", "--task=text", f"--data_path={binary}", check=False), "not UTF-8")
-    short = tmp_path / "short.txt"
-    short.write_text("to be or not to be")
-    _one_error_line(run("train.py", "--task=text", f"--data_path={short}", "--block_size=64", check=False),
-                    "too short")
     out = tmp_path / "corrupt"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     _one_error_line(run("sample.py", f"--out_dir={out}", check=False), "corrupt")
-    _one_error_line(run("train.py", f"--out_dir={out}", "--init_from=resume", check=False), "corrupt")
-    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
-    # every other script turns its ValueError into the same one line (the in-process tables rely on it)
     _one_error_line(run("variance.py", f"--out_dir={tmp_path / 'nowhere'}", check=False), "not found")
     _one_error_line(run("bench.py", "--repeats=1", check=False), "repeats")
     _one_error_line(run("figures.py", f"--run={tmp_path / 'nowhere'}", check=False), "not found")
+    (tmp_path / "preset.py").write_text("max_iters = 10\nlearning_rat = 1e-3\n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00caf\xe9" * 100)
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be")
+    for args, needle in [(["--max_iters=ten"], "max_iters"),
+                         (["--batch_size=30", "--gradient_accumulation_steps=4"], "do not split"),
+                         ([str(tmp_path / "preset.py")], "learning_rat"),
+                         (["--task=text", f"--data_path={tmp_path / 'missing.txt'}"], "missing.txt"),
+                         (["--task=text", f"--data_path={binary}"], "not UTF-8"),
+                         (["--task=text", f"--data_path={short}", "--block_size=64"], "too short"),
+                         (["--init_from=resume"], "corrupt")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            run_inproc("train.py", *args, f"--out_dir={out}")
+    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
 
 
 def run_inproc(script, *args):
@@ -1175,9 +1175,6 @@ def test_resume_with_every_method_on_is_bit_exact_for_losses_ema_weights_and_con
     assert torch.equal(evaluated.lm_head.weight, ckpt[full]["ema"]["lm_head.weight"])
     assert torch.equal(trained.lm_head.weight, ckpt[full]["model"]["lm_head.weight"])
     assert not torch.equal(evaluated.lm_head.weight, trained.lm_head.weight)
-    bad = train("--syrm_alpha=1.5", "--max_iters=0", f"--out_dir={tmp_path / 'bad'}")
-    lines = bad.stderr.strip().splitlines()
-    assert bad.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "syrm_alpha" in lines[0]
 
 
 # ----------------------------------------------------------------------------- reproduce.py
@@ -1232,16 +1229,15 @@ def test_study_flags_put_the_absolute_out_path_in_place_of_out(tmp_path, monkeyp
 
 @pytest.mark.e2e
 def test_reproduce_bad_input_gives_one_clear_error_line(tmp_path):
-    for args, needle in [(["--methods=Standard,Nope"], "unknown method 'Nope'"),
-                         (["--bogus=1"], "unknown flag --bogus"),
-                         (["--seeds=0"], "--seeds"),
-                         (["--seeds=two"], "--seeds expects int")]:
-        proc = reproduce_cli(f"--out={tmp_path}", *args)
-        assert proc.returncode != 0
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], proc.stderr
-    proc = reproduce_cli(f"--out={tmp_path}", "--methods=Standard", "--seeds=1", "--train_args=--no_such_flag=1")
-    assert proc.returncode != 0 and "unknown flag --no_such_flag" in proc.stderr.strip().splitlines()[-1]
+    proc = reproduce_cli(f"--out={tmp_path}", "--methods=Standard,Nope")  # the script's one line
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "unknown method 'Nope'" in lines[0], proc.stderr
+    for args, needle in [(["--bogus=1"], "unknown flag --bogus"), (["--seeds=0"], "--seeds"),
+                         (["--seeds=two"], "--seeds expects int"),
+                         (["--methods=Standard", "--seeds=1", "--train_args=--no_such_flag=1"],
+                          "unknown flag --no_such_flag")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):  # the ValueError behind that line
+            reproduce.main([f"--out={tmp_path}", *args])
 
 
 # ----------------------------------------------------------------------------- speed and scale: precision, compile, DDP, bench
@@ -1312,14 +1308,13 @@ def test_two_processes_train_like_one_on_the_same_global_batch_and_resume_in_one
     """batch_size is the global batch: 2 processes x 2 accumulation steps of 4 x0 rows (MIRROR, StraTS, the EMA
     control variate on the gathered row losses) log the losses and gradient norms that 1 process computes on all
     16; only float rounding differs. Rank-dependent draws would change the very first loss, a wrong gradient
-    scale the gradient norm. P-POTS fitted on rank 0 and broadcast samples what a single process samples. With
-    dropout, the same 4 micro-batches (1 process x 4 accumulation steps) draw the same dropout masks, which
-    ranks sharing one RNG stream would not. The 2-process checkpoint resumes in 1 process."""
+    scale the gradient norm. P-POTS fitted on rank 0 and broadcast samples what a single process samples (pair,
+    with dropout): the same 4 micro-batches (1 process x 4 accumulation steps) draw the same dropout masks,
+    which ranks sharing one RNG stream would not. The 2-process checkpoint resumes in 1 process."""
     common = [*TINY, "--max_iters=4", "--eval_interval=4", "--log_interval=1", "--lr_decay_iters=8",
               "--warmup_iters=0", "--learning_rate=1e-2"]
     runs = {"stratified": (["--masking=mirror", "--t_sampler=stratified", "--cv_bins=4"], 1),
-            "ppots": (["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2"], 1),
-            "dropout": (["--dropout=0.1"], 4)}
+            "ppots": (["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2", "--dropout=0.1"], 4)}
     for name, (flags, accumulation) in runs.items():
         one, two = tmp_path / f"{name}1", tmp_path / f"{name}2"
         run("train.py", f"--out_dir={one}", *common, *flags, f"--gradient_accumulation_steps={accumulation}")
@@ -1758,11 +1753,12 @@ def test_tiny_study_writes_every_row_with_intervals_and_claims_and_a_second_call
 
 @pytest.mark.e2e
 def test_jobs_1_gives_the_records_of_jobs_2(study_out, tmp_path):
-    """Same flags and thread count: the same numbers, to the last bit (Standard only, for time)."""
-    assert reproduce.main(study_args(tmp_path, "--jobs=1", methods=["Standard"])) == 0
+    """Same flags and thread count: the same numbers, to the last bit (Standard seed 0 only, for
+    time)."""
+    assert reproduce.main(study_args(tmp_path, "--jobs=1", "--seeds=1", methods=["Standard"])) == 0
     key = lambda r: (r["method"], r["seed"], r["sig"], r["acc"], r["val_bits"], r["loss_A"])
     assert sorted(map(key, run_records(tmp_path))) == sorted(key(r) for r in run_records(study_out)
-                                                         if r["method"] == "Standard")
+                                                         if r["method"] == "Standard" and r["seed"] == 0)
 
 
 @pytest.mark.e2e
