@@ -2,7 +2,7 @@
 method, several seeds, one table in which every comparison carries its interval. Not the paper's
 Table 1 (an 8B-scale fine-tune): every run trains a small model from scratch on a synthetic task.
 
-    python reproduce.py                   # 18 methods x 10 seeds: ~45 min on 2 CPU cores (estimate)
+    python reproduce.py                   # 18 methods x 10 seeds: ~62 min on 2 CPU cores (*)
     python reproduce.py --quick           # 8 methods x 2 seeds x 100 steps: ~3 min (estimate)
     python reproduce.py --methods=Standard,P-POTS+MIRROR --seeds=5 --out=results_pm
     python reproduce.py --jobs=16         # 16 train.py processes at once, cores // 16 threads each
@@ -19,6 +19,9 @@ this project's own choice: the authors released no ISAD training code. P-POTS-gr
 the range of its measurement grid, as the authors' code does (biased). P-POTS's one-off curve,
 69 x 32 x 4 = 8,832 clean rows without backward (x 2 for mirror/pair), is outside the budget and
 shown in the forward-rows column.
+
+(*) Estimated, not timed end to end: the 160 runs of docs/results.md (16 rows) took 38 min +
+19 min 28 s in two calls, and EMA-CV and weight-EMA add 20 runs of 35-37 s, two at a time.
 
 Comparisons. Each row against Standard, the -paper rows also against their compute control
 Standard-2x; the paper's claims are checked for P-POTS+MIRROR and P-POTS+MIRROR-paper. Runs,
