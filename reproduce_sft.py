@@ -49,20 +49,20 @@ Standard seed 0 (and 1), 2,000 examples, batch 32, linear decay to 0:
     lr 2e-3: 32.4 / 29.3 %, 78.9 / 89.1 %, 98.4 / 97.3 %. 2 x 64 pretrained 4,000 steps (60.2 %
     before SFT) and 3 x 64 pretrained 3,000 (51.6 %): >= 92 % after 300 steps, >= 97 % after
     600. 3 x 96 pretrained 2,000 (5.1 %), lr 1e-3: 29.7 / 34.8 % at S = 300, 71.5 % at 600.
-  - Smaller finite sets, to let the data cap the accuracy (CPU, seed 0, final exact match at
-    S = 200 / 400 / 800). The same pretrained 3 x 96, lr 1e-3: N = 100: 18.8 / 32.4 / 37.9 %;
-    N = 250: 28.9 / 48.8 / 77.7 %; N = 500: 32.0 / 48.4 / 88.7 %. A higher lr is slower (N = 100,
-    S = 200 / 400: lr 2e-3 23.4 / 32.4 %, lr 3e-3 18.0 / 41.8 %), and N = 50 at 3e-3 stays near 5 %.
-    A 3 x 64 MDM pretrained 3,000 steps (about half the cost of an SFT step), lr 1e-3: N = 100:
-    28.9 / 43.8 / 57.0 % (seed 1: 48.4 % at 400, 65.6 % at 800; 48.8 % at S = 600); N = 250:
-    39.8 / 67.2 / 86.7 %; N = 2,000: 43.8 / 71.9 % at S = 200 / 400.
-  So every shape tried reaches 86-100 % at one of the settings tried, after >= 600 steps from a
-  weak start or within 300 from a strong one (where Standard is then saturated), and a set of 100
+  - Smaller finite sets, to let the data cap the accuracy (CPU, seed 0, final exact match at S = 200
+    / 400 / 800). The same pretrained 3 x 96, lr 1e-3: N = 100: 18.8 / 32.4 / 37.9 %; N = 250: 28.9
+    / 48.8 / 77.7 %; N = 500: 32.0 / 48.4 / 88.7 %. A higher lr is slower (N = 100, S = 200 / 400:
+    lr 2e-3 23.4 / 32.4 %, lr 3e-3 18.0 / 41.8 %), and N = 50 at 3e-3 stays near 5 %. A 3 x 64 MDM
+    pretrained 3,000 steps (an SFT step costs about half as much), lr 1e-3: N = 100: 28.9 / 43.8 /
+    57.0 % (seed 1: 48.4 % at 400, 65.6 % at 800; 48.8 % at S = 600); N = 250: 39.8 / 67.2 / 86.7 %;
+    N = 2,000: 43.8 / 71.9 % at S = 200 / 400.
+  So every shape tried reaches 86-100 % at one of the settings tried, after >= 600 steps from a weak
+  start or within 300 from a strong one (where Standard is then saturated), and a set of 100
   examples slows the climb without capping it: only 3 x 96 on N = 100 is nearly flat (+5.5 points
-  from 400 to 800 steps, one seed), at 2x the budget's steps. No plateau inside 30-80 % was found
+  from 400 to 800 steps, one seed), with 2-4x the study's steps. No plateau inside 30-80 % was found
   within reach. 14 arms x 10 seeds x 400-800 steps do not fit the 60-minute budget on 2 cores; the
-  study runs S = 200 at lr 1e-3, mid-curve, where the arms still differ. A plateau inside
-  30-80 % needs a task that these models learn only in part however long they train.
+  study runs S = 200 at lr 1e-3, mid-curve, where the arms still differ. A plateau inside 30-80 %
+  needs a task that these models learn only in part however long they train.
 """
 import json
 import os
