@@ -2,10 +2,10 @@
 method, several seeds, one table in which every comparison carries its interval. Not the paper's
 Table 1 (an 8B-scale fine-tune): every run trains a small model from scratch on a synthetic task.
 
-    python reproduce.py                   # 18 methods x 10 seeds: ~62 min on 2 CPU cores (*)
-    python reproduce.py --quick           # 8 methods x 2 seeds x 100 steps: ~3 min (estimate)
+    python reproduce.py                   # 18 methods x 10 seeds: ~64 min on 2 CPU cores (*)
+    python reproduce.py --quick           # 8 methods x 2 seeds x 100 steps: 4 min 46 s (timed)
     python reproduce.py --methods=Standard,P-POTS+MIRROR --seeds=5 --out=results_pm
-    python reproduce.py --jobs=16         # 16 train.py processes at once, cores // 16 threads each
+    python reproduce.py --jobs=16 --threads=0   # 16 train.py processes, cores // 16 threads each
     python reproduce.py config/reproduce_gpu.py                 # a bigger preset for one GPU
     python reproduce.py --train_args="--n_layer=1 --n_embd=32"  # extra train.py flags, applied last
 
@@ -20,8 +20,8 @@ the range of its measurement grid, as the authors' code does (biased). P-POTS's 
 69 x 32 x 4 = 8,832 clean rows without backward (x 2 for mirror/pair), is outside the budget and
 shown in the forward-rows column.
 
-(*) Estimated, not timed end to end: the 160 runs of docs/results.md (16 rows) took 38 min +
-19 min 28 s in two calls, and EMA-CV and weight-EMA add 20 runs of 35-37 s, two at a time.
+(*) The 16 rows of docs/results.md (160 runs) took 57 min 53 s end to end (`time`, from an empty
+--out); EMA-CV and weight-EMA add 20 runs of 35-37 s, two at a time: ~6 min more (estimate).
 
 Comparisons. Each row against Standard, the -paper rows also against their compute control
 Standard-2x; the paper's claims are checked for P-POTS+MIRROR and P-POTS+MIRROR-paper. Runs,
@@ -38,8 +38,8 @@ hundreds of steps, then jumps to 100 % at a seed-dependent step (2 digits, 1000 
 (seeds 0-9: 0.67 0.43 0.75 0.64 0.49 0.41 0.73 0.68 0.77 0.90, mean 0.65 ± 0.16). A run takes
 ~12 s on 2 idle cores, more with 2 x 32 forward rows per step, P-POTS 3-6 s more (its curve).
 --quick: Standard, Standard-2x, P-POTS, MIRROR, P-POTS+MIRROR, P-POTS+MIRROR-paper, ISAD-first and
-ISAD-hard, 2 seeds of 100 steps; 16 runs, ~3 min on 2 cores, estimated from the 4 min of the former
-24-run preset. With 2 seeds no p-value can go below 0.5: it is a smoke test.
+ISAD-hard, 2 seeds of 100 steps; 16 runs, 4 min 46 s on 2 cores (`time`, 2026-11-30). With 2
+seeds no p-value can go below 0.5: it is a smoke test.
 """
 import sys
 
@@ -88,8 +88,10 @@ SCRATCH = study.Study(
         max_iters=250,  # the compute budget: optimizer steps of batch_size forward rows
         task_args="--task=sort --num_digits=8 --batch_size=32 --eval_problems=1024",  # every run's
         train_args="",  # extra train.py flags, after task_args (so they win)
-        jobs=1,  # train.py processes at once
-        threads=0,  # torch threads per run; 0 = max(1, cores // jobs)
+        # 2 train.py processes at once, 1 torch thread each: the setting docs/results.md was
+        # measured with (threads change float rounding, so these give its numbers bit for bit)
+        jobs=2,
+        threads=1,  # torch threads per run; 0 = max(1, cores // jobs)
         quick=False,  # smoke-test preset: quick below
     ),
     quick=dict(seeds=2, max_iters=100, out="results_quick",

@@ -9,3 +9,5 @@ seeds = 10
 max_iters = 300
 task_args = ("--task=sort --num_digits=16 --n_layer=6 --n_head=8 --n_embd=256 --batch_size=64 "
              "--eval_problems=4096 --variance_n_x0=64 --variance_grad_n_x0=16")
+jobs = 1  # one run at a time on the GPU, with every CPU core (threads = cores // jobs)
+threads = 0
