@@ -1,4 +1,5 @@
-"""The run directory (out_dir) and what train.py guarantees about it.
+"""The run directory (out_dir) and what train.py guarantees about it; a run's start (scratch,
+resume, fine-tune), save and restore; the log and its window.
 
   ckpt.pt     written atomically: a uniquely named temporary file, flushed to disk (fsync), then
               renamed over the old one, so a kill or a full disk at any moment leaves the previous
@@ -12,17 +13,20 @@ Nothing in out_dir is created, truncated or written before the whole configurati
 import json
 import os
 import random
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from configurator import given_keys
 from model import ModelConfig, Transformer, check_device
 
 # config keys that define the model, the data or the estimator: a resumed run must keep them
 IMMUTABLE = ("model_type", "n_layer", "n_head", "n_embd", "dropout", "bias", "task", "num_digits",
-             "block_size", "train_size", "batch_size", "seed", "t_sampler", "masking", "matched_compute",
-             "ppots_fit_iter", "ppots_refit_every", "ppots_online", "ppots_fit", "ppots_support",
-             "isad_tokens", "isad_delta", "syrm_alpha", "cv_bins", "cv_eta", "weight_ema_decay")
+             "data_path", "block_size", "train_size", "batch_size", "seed", "t_sampler", "masking",
+             "matched_compute", "ppots_fit_iter", "ppots_refit_every", "ppots_online", "ppots_fit",
+             "ppots_support", "isad_tokens", "isad_delta", "syrm_alpha", "cv_bins", "cv_eta",
+             "weight_ema_decay")
 # machine- and call-specific keys that a checkpoint never imposes on the run that resumes it
 NOT_RESUMED = ("out_dir", "init_from", "device", "dtype", "compile")
 RENAMED = {"ema_bins": "cv_bins", "ema_eta": "cv_eta", "ema_decay": "weight_ema_decay"}
@@ -84,6 +88,66 @@ def finetune_config(config, ckpt, given, path):
             raise ValueError(f"--{key}={config[key]!r} differs from {path}'s {value!r}: a "
                              f"fine-tuned model keeps its pretrained shape")
     return {**config, **shape}
+
+
+def start_config(config, argv):
+    """(config, resume, pretrained) of a run with init_from: 'scratch' -> (config, None, None);
+    'resume' -> the checkpoint in out_dir with its config as the base (resumed_config), resume =
+    (its trained model, its dict); a checkpoint's path -> fine-tuning (finetune_config),
+    pretrained = (its evaluated model, its dict). argv: the command line, to tell given flags."""
+    init_from = config["init_from"]
+    if init_from == "resume":
+        model, ckpt = load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), raw=True)
+        config = resumed_config(config, ckpt, given_keys(argv))
+        if config["max_iters"] <= ckpt["iter_num"]:
+            raise ValueError(f"the checkpoint is at iteration {ckpt['iter_num']}: --max_iters="
+                             f"{config['max_iters']} leaves nothing to train "
+                             f"(raise it to continue)")
+        return config, (model, ckpt), None
+    if init_from != "scratch":
+        if not os.path.isfile(init_from):
+            raise ValueError(f"--init_from must be 'scratch', 'resume' or a checkpoint's path; "
+                             f"{init_from!r} is none of them")
+        model, ckpt = load_checkpoint(init_from)
+        return finetune_config(config, ckpt, given_keys(argv), init_from), None, (model, ckpt)
+    return config, None, None
+
+
+def save_run(path, model, optimizer, iter_num, config, sampler, data_gen, dataset, ema=None,
+             loss_cv=None):
+    """Everything a resume needs, plain types and tensors only, written by save_checkpoint: the
+    model, optimizer, sampler, random streams, and what is on (weight EMA, control variate, a text
+    task's vocabulary, a finite training set's epoch state)."""
+    state = {"model_args": asdict(model.config), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "iter_num": iter_num, "config": config,
+             "sampler": sampler.state_dict(), "rng": rng_state(data_gen)}
+    if ema is not None:
+        state.update(ema=ema.module.state_dict(), ema_n=ema.n_averaged)
+    if loss_cv is not None:
+        state["loss_cv"] = loss_cv.state_dict()
+    if hasattr(dataset, "chars"):  # text: the vocabulary, so sampling does not need the data file
+        state["vocab"] = dataset.chars
+    if config["train_size"]:
+        state["train_set"] = dataset.state_dict()
+    save_checkpoint(path, state, model)
+
+
+def restore_run(ckpt, optimizer, config, data_gen, dataset, ema=None, loss_cv=None):
+    """Undo save_run on a freshly built run (the model's weights are already loaded); the
+    optimizer takes this run's betas and weight decay. Returns the checkpoint's iteration."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved state carries the old hyperparameters
+        group.update(betas=(config["beta1"], config["beta2"]),
+                     weight_decay=config["weight_decay"] if group["weight_decay"] else 0.0)
+    if ema is not None and "ema" in ckpt:
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.copy_(ckpt["ema_n"])
+    if loss_cv is not None and "loss_cv" in ckpt:
+        loss_cv.load_state_dict(ckpt["loss_cv"])
+    set_rng_state(ckpt["rng"], data_gen)
+    if config["train_size"]:
+        dataset.load_state_dict(ckpt["train_set"])
+    return ckpt["iter_num"]
 
 
 def save_checkpoint(path, state, model):
@@ -174,3 +238,37 @@ def set_rng_state(state, data_gen):
     np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32),
                          *state["numpy"][1:]))
     random.setstate(state["python"])
+
+
+class LogWindow:
+    """The training metrics of the steps since the last log record. add() keeps them as device
+    tensors (no host sync); record() reads them once, at a log interval, and starts a new window.
+    with_raw: also the plain mean w l under a control variate (loss_raw)."""
+
+    def __init__(self, with_raw=False):
+        self.with_raw = with_raw
+        self.reset()
+
+    def reset(self):
+        self.t, self.w, self.loss, self.norm, self.raw, self.clipped = [], [], 0.0, 0.0, 0.0, 0
+
+    def add(self, t, w, loss, grad_norm, clipped, raw=0.0):
+        """One step: its t and w (CPU), loss (the reported mean w l), the gradient norm before
+        clipping, whether it was clipped (a bool tensor, or False), and the plain loss."""
+        self.t.append(t)
+        self.w.append(w)
+        self.loss, self.norm = self.loss + loss.detach(), self.norm + grad_norm
+        self.clipped, self.raw = self.clipped + clipped, self.raw + raw
+
+    def record(self, iter_num, lr):
+        """The window's log record: means of loss, gradient norm, clipped steps and w, the last
+        lr, and a 10-bin histogram of t; then the window is emptied."""
+        n = len(self.t)
+        record = {"iter": iter_num, "loss": self.loss.item() / n, "grad_norm": self.norm.item() / n,
+                  "clip_frac": int(self.clipped) / n, "lr": lr,
+                  "w_mean": torch.cat(self.w).mean().item(),
+                  "t_hist": torch.histc(torch.cat(self.t), bins=10, min=0, max=1).int().tolist()}
+        if self.with_raw:
+            record["loss_raw"] = self.raw / n
+        self.reset()
+        return record

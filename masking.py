@@ -4,9 +4,10 @@ one place where the loss is computed.
 Given clean tokens x0 and a masking rate t (drawn by a t-sampler, samplers.py), every eligible
 (response) token is replaced by [MASK] independently with probability p = (1 - eps) t + eps. The
 prompt is never masked. The core path, in reading order: mask_rate, random_mask, mirror_masks,
-pair_masks, mdm_loss, arm_loss, MaskSpec, draw_masks, row_losses. Below the seam at the end of the
-file sit two supplementary methods, ISAD and SyRM, which a MaskSpec can switch on; a reader who
-skips them loses nothing of the core.
+pair_masks, mdm_loss, arm_loss, clean_rows, MaskSpec, draw_masks, row_losses. Below the seam at the
+end of the file sit two supplementary methods, ISAD and SyRM: SupplementarySpec, a MaskSpec that
+overrides its two hooks (rates, loss). The core only calls the hooks; a reader who skips the seam
+loses nothing of the core.
 """
 from dataclasses import dataclass
 
@@ -99,45 +100,51 @@ def arm_loss(logits, x0, eligible):
     return (ce * target).sum(1) / target.sum(1).clamp(min=1)
 
 
+def clean_rows(batch_size, mode, matched_compute):
+    """Clean (x0) rows per step: batch_size, or batch_size / 2 for two views (mirror, pair) at
+    matched compute, so that every method runs batch_size forward rows; the paper's protocol
+    (matched_compute=False) runs batch_size clean rows, so 2 x batch_size forward rows."""
+    if mode not in ("mirror", "pair") or not matched_compute:
+        return batch_size
+    if batch_size % 2:
+        raise ValueError(f"--masking={mode} with matched_compute runs batch_size/2 clean rows, "
+                         f"each twice: --batch_size={batch_size} must be even")
+    return batch_size // 2
+
+
 @dataclass(frozen=True, eq=False)
 class MaskSpec:
-    """How a batch is masked: the mode, and the options of the supplementary methods
-    (off by default).
-
-      mode        standard (one view) | mirror | pair (two views, loss = their mean)
-      isad        ISAD's critical set S, BoolTensor[T] or [B, T]; None = off
-      isad_delta  ISAD's Delta: S is masked with q = min(1, p + Delta) (the paper's code: 0.2)
-      syntax      SyRM's prompt syntax tokens, BoolTensor[T] or [B, T]; None = off
-      syrm_alpha  SyRM's alpha in L = alpha L_resp + (1 - alpha) L_syntax
-    str(spec) names it for logs, e.g. 'mirror' or 'standard+isad'."""
+    """How a batch is masked: standard (one view) | mirror | pair (two views, loss = their mean).
+    Two hooks, rates and loss, are what the core calls; the supplementary methods override them
+    (SupplementarySpec, below the seam). str(spec) names it for logs, e.g. 'mirror'."""
     mode: str = "standard"
-    isad: torch.Tensor = None
-    isad_delta: float = 0.2
-    syntax: torch.Tensor = None
-    syrm_alpha: float = 1.0
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown masking {self.mode!r}; choose from {', '.join(MODES)}")
-        if not 0 < self.isad_delta <= 1:
-            raise ValueError(f"isad_delta must be in (0, 1], got {self.isad_delta}")
-        if not 0 <= self.syrm_alpha <= 1:
-            raise ValueError(f"syrm_alpha must be in [0, 1] (1 = off), got {self.syrm_alpha}")
 
     @property
     def views(self):
         return 1 if self.mode == "standard" else 2
 
+    def rates(self, eligible, p):
+        """(maskable tokens, masking rates): the response at rate p."""
+        return eligible, p
+
+    def loss(self, logits, x0k, mask, eligible, p, k):
+        """Per-row losses of the k views stacked on the batch (x0k, mask, p); `eligible` holds
+        one copy of the rows."""
+        return mdm_loss(logits, x0k, mask, eligible.repeat(k, 1), p)
+
     def __str__(self):
-        return "+".join([self.mode] + ["isad"] * (self.isad is not None)
-                        + ["syrm"] * (self.syntax is not None))
+        return self.mode
 
 
 def draw_masks(eligible, t, spec=MaskSpec(), generator=None):
     """The masks of one batch, drawn apart from any forward pass: a tuple of BoolTensor[B, T], one
     per view. train.py draws a step's masks once for the whole global batch and gives each
     micro-batch its rows, so the estimator does not depend on how the batch is split."""
-    maskable, p = supplementary_rates(spec, eligible, mask_rate(t))
+    maskable, p = spec.rates(eligible, mask_rate(t))
     if spec.mode == "standard":
         return (random_mask(maskable, p, generator),)
     return (mirror_masks if spec.mode == "mirror" else pair_masks)(maskable, p, generator)
@@ -155,16 +162,12 @@ def row_losses(model, x0, eligible, t, spec=MaskSpec(), generator=None, masks=No
     masks = draw_masks(eligible, t, spec, generator) if masks is None else masks
     mask = torch.cat(masks)
     k = len(masks)
-    x0k, eligible_k, p = x0.repeat(k, 1), eligible.repeat(k, 1), mask_rate(t).repeat(k)
+    x0k, p = x0.repeat(k, 1), mask_rate(t).repeat(k)
     logits = model(torch.where(mask, config.mask_id, x0k))
-    if spec.isad is None and spec.syntax is None:
-        loss = mdm_loss(logits, x0k, mask, eligible_k, p)
-    else:
-        loss = supplementary_loss(spec, logits, x0k, mask, eligible, p, k)
-    return loss.view(k, -1).mean(0)
+    return spec.loss(logits, x0k, mask, eligible, p, k).view(k, -1).mean(0)
 
 
-# ------------------------------------------------------------------------ supplementary: ISAD, SyRM
+# ------------------------------------------------------------- behind the seam: ISAD, SyRM
 def isad_rates(p, critical, delta):
     """ISAD's per-token masking rates, FloatTensor[B, T]: q_j = min(1, p + delta) on the critical
     set S (`critical`, BoolTensor[T] or [B, T]) and q_j = p elsewhere; p is one rate per row, [B].
@@ -192,32 +195,59 @@ def syrm_loss(logits, x0, mask, eligible, syntax, p, alpha, q=None):
     return alpha * resp + (1 - alpha) * mdm_loss(logits, x0, mask & syntax, syntax, p, q)
 
 
-def supplementary_rates(spec, eligible, p):
-    """(maskable tokens, masking rates) under spec's options: SyRM adds the prompt's syntax tokens
-    to the maskable set, ISAD raises the rate on S to q (isad_rates). Plain spec: (eligible, p)."""
-    if spec.syntax is not None:
-        eligible = eligible | spec.syntax.to(eligible.device)
-    if spec.isad is not None:
-        p = isad_rates(p, spec.isad.to(p.device), spec.isad_delta)
-    return eligible, p
+@dataclass(frozen=True, eq=False)
+class SupplementarySpec(MaskSpec):
+    """A MaskSpec with ISAD and/or SyRM switched on (each None = off):
+
+      isad        ISAD's critical set S, BoolTensor[T] or [B, T]
+      isad_delta  ISAD's Delta: S is masked with q = min(1, p + Delta) (the paper's code: 0.2)
+      syntax      SyRM's prompt syntax tokens, BoolTensor[T] or [B, T]
+      syrm_alpha  SyRM's alpha in L = alpha L_resp + (1 - alpha) L_syntax
+    str(spec) names it for logs, e.g. 'standard+isad'."""
+    isad: torch.Tensor = None
+    isad_delta: float = 0.2
+    syntax: torch.Tensor = None
+    syrm_alpha: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.isad_delta <= 1:
+            raise ValueError(f"isad_delta must be in (0, 1], got {self.isad_delta}")
+        if not 0 <= self.syrm_alpha <= 1:
+            raise ValueError(f"syrm_alpha must be in [0, 1] (1 = off), got {self.syrm_alpha}")
+
+    def rates(self, eligible, p):
+        """SyRM adds the prompt's syntax tokens to the maskable set; ISAD raises the rate on S to q
+        (isad_rates)."""
+        if self.syntax is not None:
+            eligible = eligible | self.syntax.to(eligible.device)
+        if self.isad is not None:
+            p = isad_rates(p, self.isad.to(p.device), self.isad_delta)
+        return eligible, p
+
+    def loss(self, logits, x0k, mask, eligible, p, k):
+        q = None if self.isad is None else isad_rates(p[:len(eligible)], self.isad.to(p.device),
+                                                      self.isad_delta).repeat(k, 1)
+        eligible_k = eligible.repeat(k, 1)
+        if self.syntax is None:
+            return mdm_loss(logits, x0k, mask, eligible_k, p, q)
+        syntax_k = (self.syntax.to(eligible.device) & ~eligible).repeat(k, 1)
+        return syrm_loss(logits, x0k, mask, eligible_k, syntax_k, p, self.syrm_alpha, q)
+
+    def __str__(self):
+        return "+".join([self.mode] + ["isad"] * (self.isad is not None)
+                        + ["syrm"] * (self.syntax is not None))
 
 
-def supplementary_loss(spec, logits, x0k, mask, eligible, p, k):
-    """row_losses' loss with ISAD and/or SyRM on: the k views' rows are stacked on the batch
-    (x0k, mask, p) and `eligible` holds one copy of the rows."""
-    q = None if spec.isad is None else isad_rates(p[:len(eligible)], spec.isad.to(p.device),
-                                                  spec.isad_delta).repeat(k, 1)
-    eligible_k = eligible.repeat(k, 1)
-    if spec.syntax is None:
-        return mdm_loss(logits, x0k, mask, eligible_k, p, q)
-    syntax_k = (spec.syntax.to(eligible.device) & ~eligible).repeat(k, 1)
-    return syrm_loss(logits, x0k, mask, eligible_k, syntax_k, p, spec.syrm_alpha, q)
-
-
-def mask_spec_from_config(config, task):
-    """The MaskSpec a train.py config describes: `task`'s ISAD set (isad_tokens: 'none' = off) and,
-    for syrm_alpha < 1, its syntax tokens."""
+def mask_spec_from_config(config, dataset):
+    """The MaskSpec a train.py config describes: a plain MaskSpec(masking), or a SupplementarySpec
+    with `dataset`'s ISAD set (isad_tokens: 'none' = off) and, for syrm_alpha < 1, its syntax
+    tokens."""
     rule, alpha = config["isad_tokens"], config["syrm_alpha"]
-    return MaskSpec(config["masking"], isad=None if rule == "none" else task.isad_positions(rule),
-                    isad_delta=config["isad_delta"],
-                    syntax=task.syntax_positions() if alpha < 1 else None, syrm_alpha=alpha)
+    if rule == "none" and alpha == 1:
+        return MaskSpec(config["masking"])
+    return SupplementarySpec(config["masking"],
+                             isad=None if rule == "none" else dataset.isad_positions(rule),
+                             isad_delta=config["isad_delta"],
+                             syntax=dataset.syntax_positions() if alpha < 1 else None,
+                             syrm_alpha=alpha)

@@ -23,6 +23,18 @@ class ModelConfig:
     bias: bool = False
     causal: bool = False  # False: MDM denoiser; True: ARM baseline
 
+    def __post_init__(self):
+        check_shape(self.n_layer, self.n_head, self.n_embd)
+
+
+def check_shape(n_layer, n_head, n_embd):
+    """ValueError unless the transformer can be built: positive sizes, n_head divides n_embd."""
+    for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name}={value!r} is out of range: it must be an integer >= 1")
+    if n_embd % n_head:
+        raise ValueError(f"--n_head={n_head} does not divide --n_embd={n_embd}")
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg):

@@ -1,4 +1,4 @@
-"""Generation by iterative unmasking (LLaDA-style), and held-out accuracy.
+"""Generation by iterative unmasking (LLaDA-style), held-out accuracy and the val ELBO.
 
     python sample.py --out_dir=out                    # synthetic task: held-out problems + accuracy
     python sample.py --out_dir=out --prompt=31415926= # answer one prompt
@@ -28,12 +28,13 @@ import torch
 
 from configurator import configure, report_errors
 from data import task_from_checkpoint
-from masking import uniform_like
+from masking import MaskSpec, row_losses, uniform_like
 from checkpoint import load_checkpoint
 
 # the default for text samples (nanoGPT's); synthetic tasks default to greedy
 TEXT_TEMPERATURE = 0.8
 REMASKING = ("low_confidence", "random")
+EVAL_SEED = 1234  # the held-out problems and the val ELBO's batches, t-grid masks: fixed
 
 
 def _commit_counts(n_tokens, steps):
@@ -103,38 +104,58 @@ def generate(model, prompt, response_len, steps=None, temperature=0.0, remasking
 
 
 @torch.no_grad()
-def accuracy(model, task, n_problems, steps=None, block_length=None, seed=1234, batch=512):
+def accuracy(model, dataset, n_problems, steps=None, block_length=None, seed=EVAL_SEED,
+             batch=512):
     """Exact-match accuracy on n_problems held-out (val) prompts, greedy and deterministic."""
     g = torch.Generator().manual_seed(seed)
-    prompts = task.prompts(n_problems, "val", generator=g)
+    prompts = dataset.prompts(n_problems, "val", generator=g)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
     for chunk in prompts.split(batch):
-        x = generate(model, chunk.to(device), task.response_len, steps, block_length=block_length)
-        correct += task.is_correct(chunk, x[:, task.prompt_len:].cpu()).sum().item()
+        x = generate(model, chunk.to(device), dataset.response_len, steps,
+                     block_length=block_length)
+        correct += dataset.is_correct(chunk, x[:, dataset.prompt_len:].cpu()).sum().item()
     model.train(was_training)
     return correct / n_problems
 
 
 @torch.no_grad()
-def text_sample(model, task, prompt="", length=256, **gen):
+def val_elbo(model, dataset, rows, n_batches, device, ctx):
+    """Val negative ELBO in nats per maskable token (a char for task=text), in eval mode: the
+    standard MDM objective (whatever ISAD/SyRM train on) on n_batches fixed val batches of `rows`,
+    at a fixed stratified t-grid (the midpoints of `rows` strata) and fixed masks (own generator),
+    so the same weights give the same number. Comparable with an ARM's val loss, its next-token
+    cross-entropy per response token. The caller restores the training mode."""
+    model.eval()
+    g = torch.Generator().manual_seed(EVAL_SEED)
+    t = ((torch.arange(rows) + 0.5) / rows).to(device)
+    total = 0.0
+    for _ in range(n_batches):
+        x0, eligible = (z.to(device) for z in dataset.batch(rows, "val", g))
+        with ctx:
+            total += row_losses(model, x0, eligible, t, MaskSpec(), g).mean().item()
+    return total / n_batches
+
+
+@torch.no_grad()
+def text_sample(model, dataset, prompt="", length=256, **gen):
     """Up to `length` characters after `prompt` (an empty prompt starts from a newline, the text's
     usual boundary, so that an ARM has a first token to condition on), as one string. `gen` goes to
     generate(); its temperature defaults to 0 (greedy), which for text with low-confidence
     remasking tends to give repetitive text: pass temperature=0.8 (and a generator) for samples
     like sample.py's."""
-    ids = task.encode(prompt or "\n")[None].to(next(model.parameters()).device)
-    length = min(length, task.block_size - ids.shape[1])
+    ids = dataset.encode(prompt or "\n")[None].to(next(model.parameters()).device)
+    length = min(length, dataset.block_size - ids.shape[1])
     if length <= 0:
         raise ValueError(f"prompt is {ids.shape[1]} chars; it must be shorter than "
-                         f"block_size={task.block_size}")
+                         f"block_size={dataset.block_size}")
     was_training = model.training
     model.eval()
     x = generate(model, ids, length, **gen)
     model.train(was_training)
-    return task.decode(x[0].cpu())
+    return dataset.decode(x[0].cpu())
 
 
 def check_flags(cfg):
@@ -162,8 +183,8 @@ def main(argv):
                          device="cpu", seed=1337), argv)
     check_flags(cfg)
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
-    task = task_from_checkpoint(ckpt)
-    synthetic = hasattr(task, "prompts")
+    dataset = task_from_checkpoint(ckpt)
+    synthetic = hasattr(dataset, "prompts")
     temperature = cfg["temperature"]
     if temperature is None:
         temperature = 0.0 if synthetic else TEXT_TEMPERATURE
@@ -172,22 +193,23 @@ def main(argv):
                remasking=cfg["remasking"], block_length=cfg["block_length"] or None, generator=g)
     if synthetic:
         if cfg["prompt"]:
-            prompt = task.encode(cfg["prompt"])[None]
+            prompt = dataset.encode(cfg["prompt"])[None]
         else:
-            prompt = task.prompts(cfg["num_samples"], "val",
+            prompt = dataset.prompts(cfg["num_samples"], "val",
                                   generator=torch.Generator().manual_seed(cfg["seed"]))
-        x = generate(model, prompt.to(cfg["device"]), task.response_len, **gen).cpu()
-        ok = task.is_correct(prompt, x[:, task.prompt_len:])
+        x = generate(model, prompt.to(cfg["device"]), dataset.response_len, **gen).cpu()
+        ok = dataset.is_correct(prompt, x[:, dataset.prompt_len:])
         for row, good in zip(x, ok):
-            print(f"{task.decode(row[:task.prompt_len])}{task.decode(row[task.prompt_len:])}  "
+            prompt_len = dataset.prompt_len
+            print(f"{dataset.decode(row[:prompt_len])}{dataset.decode(row[prompt_len:])}  "
                   f"{'ok' if good else 'WRONG'}")
         if not cfg["prompt"]:
-            acc = accuracy(model, task, ckpt["config"]["eval_problems"], cfg["steps"] or None,
+            acc = accuracy(model, dataset, ckpt["config"]["eval_problems"], cfg["steps"] or None,
                            cfg["block_length"] or None)
             print(f"held-out exact match: {acc:.3f} on {ckpt['config']['eval_problems']} problems")
         return
     for _ in range(cfg["num_samples"]):
-        print(text_sample(model, task, cfg["prompt"], cfg["length"], **gen) + "\n" + "-" * 40)
+        print(text_sample(model, dataset, cfg["prompt"], cfg["length"], **gen) + "\n" + "-" * 40)
 
 
 if __name__ == "__main__":

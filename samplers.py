@@ -4,13 +4,13 @@ The MDM loss is L = int_0^1 E[l | t] dt (l = masking.row_losses). A sampler draw
 weights w_i and train.py minimises mean_i w_i l(t_i): unbiased when E[w f(t)] = int_0^1 f(t) dt
 for every f, i.e. when the weighted loss estimates L itself.
 
-    sampler = make_sampler("stratified")          # P-POTS: build_ppots(model, task)
+    sampler = make_sampler("stratified")          # P-POTS: build_ppots(model, dataset, spec)
     t, w = sampler.sample(batch_size, generator)  # FloatTensor[n] each, CPU
-    loss = (w * row_losses(model, x0, eligible, t.to(device), masking)).mean()
+    loss = (w * row_losses(model, x0, eligible, t.to(device), spec)).mean()
 
-Top to bottom: the interface and the three simple t-laws; the P-POTS core (measure_curve, fit_epr,
-PPOTSCore: measure, fit, sample; derivations in docs/variance.md, "P-POTS"); construction. Behind
-the seam at the end, PPOTSSampler's online refits and diagnostics: skipping them loses nothing.
+Top to bottom: the interface, the three simple t-laws, P-POTS in the order it runs (derivations:
+docs/variance.md, "P-POTS"), construction. Behind the seam: online refits and diagnostics, which
+use the core and are never used by it.
 """
 import math
 
@@ -21,31 +21,28 @@ import torch.nn.functional as F
 from masking import MaskSpec, draw_masks, mask_rate, row_losses
 
 CELLS = 4096  # P-POTS tabulates p on 4096 equal cells of its support
-FINE = 16 * CELLS  # midpoint-rule cells of [0, 1] for second_moments' int p w^2 m
 TAIL_T = 0.3  # the 1/p law of m below the grid is fitted on the grid points with t <= TAIL_T
-EPR_NAMES = ("a", "b", "A", "kappa", "r", "q", "m")
+EPR_NAMES = ("a", "b", "c", "kappa", "r", "q", "n")  # epr_log_density's parameters
 SAMPLERS = ("uniform", "stratified", "clipped", "ppots")  # the t-laws, by name
 
 
 class Sampler:
     """sample(n, generator) -> (t, w): one training batch's draws. The state is `name` plus the
-    attributes in `keys` (python values and tensors, so a weights_only checkpoint can hold it)."""
+    attributes in `keys` (python values and tensors, so a weights_only checkpoint can hold it);
+    from_state(state_dict()) is a sampler that draws identically."""
     name, keys = None, ()
 
+    @classmethod
+    def from_state(cls, sd):
+        """The sampler whose state_dict() is sd; here the keys are the constructor's arguments."""
+        return cls(**{k: sd[k] for k in cls.keys})
+
     def marginal(self, n, generator=None):
-        """n i.i.d. draws from the law of ONE row of a batch. The default is sample(n), right for
-        every sampler whose draws within a call are independent; StraTS overrides it."""
+        """n i.i.d. draws from ONE row's law: sample(n) where one call's draws are independent."""
         return self.sample(n, generator)
 
     def state_dict(self):
         return {"name": self.name, **{k: getattr(self, k) for k in self.keys}}
-
-    def load_state_dict(self, sd):
-        for k in self.keys:
-            setattr(self, k, sd[k])
-
-    def describe(self):
-        return " ".join([self.name] + [f"{k}={getattr(self, k)}" for k in self.keys])
 
 
 class UniformSampler(Sampler):
@@ -58,9 +55,8 @@ class UniformSampler(Sampler):
 
 class StratifiedSampler(Sampler):
     """StraTS: k equal strata of [0, 1] (None: k = ceil(√n)), n // k uniform draws in each and the
-    n % k left over in distinct random strata, so each stratum expects n/k draws (unbiased); w = 1.
-    The draws are shuffled, so no row is tied to a stratum. Each row's t is U(0, 1), but the draws
-    of one call are dependent: marginal() gives the i.i.d. law a per-draw decomposition needs."""
+    n % k left over in distinct random strata (each expects n/k draws: unbiased), shuffled; w = 1.
+    Each row's t is U(0, 1), but one call's draws are dependent: marginal() is the i.i.d. law."""
     name, keys = "stratified", ("k",)
 
     def __init__(self, k=None):
@@ -94,52 +90,42 @@ class ClippedSampler(Sampler):
         return self.lo + (self.hi - self.lo) * torch.rand(n, generator=generator), torch.ones(n)
 
 
-# ----------------------------------------------------------------------------- P-POTS core
+# ----------------------------------------------------------------------------- P-POTS
+# measure_curve -> tail_coefficients -> fit_epr -> PPOTS: tabulate, sample, weight; build_ppots.
 @torch.no_grad()
-def measure_curve(model, task, masking=MaskSpec(), T=70, n_x0=32, n_masks=4, generator=None,
+def measure_curve(model, dataset, spec=MaskSpec(), T=70, n_x0=32, n_masks=4, generator=None,
                   batch_rows=2048, forward_rows=512, keep_draws=False):
-    """m(t_j) = E[l^2 | t_j] on t_j = linspace(1/T, 1 - 1/T, T - 1), from n_x0 training examples
-    times n_masks masks, in eval mode (the training flag is restored). Returns dict(t, m, g, v),
-    float32[T - 1]: m the plain mean of l^2 (docs/variance.md, "The measured m"), g and v the
-    per-x0 mean and variance over masks, averaged over x0; with keep_draws also the losses
-    draws[n_x0, T - 1, n_masks] (x0 first, for a bootstrap over x0). Cost: (T - 1) n_x0 n_masks
-    clean rows, twice that in forward rows for mirror/pair. Masks are drawn batch_rows rows at a
-    time (pair's draws depend on it); the model runs forward_rows at a time (the result does not;
-    512 is fastest on a CPU: bench.py's 'P-POTS measure')."""
+    """m(t_j) = E[l^2 | t_j] on t_j = linspace(1/T, 1 - 1/T, T - 1) from n_x0 training examples x
+    n_masks masks of spec, in eval mode: dict(t, m, g, v), float32[T - 1], m the mean of l^2
+    (docs/variance.md, "The measured m"), g, v the per-x0 mean and variance over masks averaged
+    over x0; keep_draws adds draws[n_x0, T - 1, n_masks]. pair's masks depend on batch_rows."""
     if n_masks < 2:
-        raise ValueError(f"measure_curve needs n_masks >= 2 (for the variance over masks), "
-                         f"got {n_masks}")
+        raise ValueError(f"measure_curve needs n_masks >= 2 (a variance over masks), got {n_masks}")
     t_grid = torch.linspace(1 / T, 1 - 1 / T, T - 1)
-    x0, eligible = task.batch(n_x0, "train", generator)
+    x0, eligible = dataset.batch(n_x0, "train", generator)
     rows = lambda z: z.repeat_interleave(n_masks, 0).repeat(T - 1, 1)  # ordered (t, x0, mask)
     x0, eligible, t = rows(x0), rows(eligible), t_grid.repeat_interleave(n_x0 * n_masks)
-    device = next(model.parameters()).device
-    was_training = model.training
+    device, was_training = next(model.parameters()).device, model.training
     model.eval()
     losses = []
     for i in range(0, len(t), batch_rows):
         x, e, tt = (z[i:i + batch_rows].to(device) for z in (x0, eligible, t))
-        masks = None if model.config.causal else draw_masks(e, tt, masking, generator)
+        masks = None if model.config.causal else draw_masks(e, tt, spec, generator)
         for j in range(0, len(tt), forward_rows):
             part = slice(j, j + forward_rows)
-            losses.append(row_losses(model, x[part], e[part], tt[part], masking,
-                                     masks=None if masks is None else tuple(m[part] for m in masks))
-                          .cpu())
+            sub = None if masks is None else tuple(m[part] for m in masks)
+            losses.append(row_losses(model, x[part], e[part], tt[part], spec, masks=sub).cpu())
     model.train(was_training)
     losses = torch.cat(losses).view(T - 1, n_x0, n_masks)
     curve = dict(t=t_grid, m=(losses ** 2).mean((1, 2)), g=losses.mean((1, 2)),
                  v=losses.var(2).mean(1))
-    if keep_draws:
-        curve["draws"] = losses.double().transpose(0, 1)
-    return curve
+    return curve | ({"draws": losses.double().transpose(0, 1)} if keep_draws else {})
 
 
 def tail_coefficients(t_grid, m):
-    """(alpha, beta) of m(t) ≈ alpha + beta / p(t), p = mask_rate(t): the law of m below the grid
-    (extended_sqrt_m), exact for fixed token CEs. Weighted least squares of y_j = m_j p_j =
-    alpha p_j + beta on the grid points t_j <= TAIL_T (at least two), weights p_j ∝ 1/Var y_j; a
-    negative coefficient (noise) is set to 0 and the other refitted, so the extension stays
-    positive. Derivation and accuracy: docs/variance.md, "Below the grid"."""
+    """(alpha, beta) >= 0 of m(t) ≈ alpha + beta / p(t), p = mask_rate(t), the law of m below the
+    grid: least squares of m_j p_j = alpha p_j + beta, weights p_j, on the t_j <= TAIL_T (>= 2); a
+    negative coefficient is set to 0, the other refitted (docs/variance.md, "Below the grid")."""
     t, m = torch.as_tensor(t_grid, dtype=torch.float64), torch.as_tensor(m, dtype=torch.float64)
     k = max(2, int((t <= TAIL_T).sum()))
     p, y = mask_rate(t[:k]), m[:k] * mask_rate(t[:k])
@@ -155,24 +141,23 @@ def tail_coefficients(t_grid, m):
 def extended_sqrt_m(t_grid, sqrt_m, t):
     """√m at t (float64): piecewise linear on t_grid; below t_grid[0] the 1/p law of
     tail_coefficients, √(alpha + beta / p(t)); above t_grid[-1] flat (there m barely moves)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    t_grid, sqrt_m = (torch.as_tensor(z, dtype=torch.float64) for z in (t_grid, sqrt_m))
+    t, t_grid, sqrt_m = (torch.as_tensor(z, dtype=torch.float64) for z in (t, t_grid, sqrt_m))
     alpha, beta = tail_coefficients(t_grid, sqrt_m ** 2)
     inside = torch.from_numpy(np.interp(t.numpy(), t_grid.numpy(), sqrt_m.numpy()))
     return torch.where(t < t_grid[0], (alpha + beta / mask_rate(t)).sqrt(), inside)
 
 
 def epr_params(theta):
-    """theta[7] -> EPR parameters: a, b, A, kappa, r, q = softplus > 0; m = 1 + softplus > 1."""
+    """theta[7] -> the EPR parameters (EPR_NAMES): a, b, c, kappa, r, q = softplus > 0, n > 1."""
     sp = F.softplus(theta)
     return dict(zip(EPR_NAMES, (*sp[:6], 1 + sp[6])))
 
 
-def epr_log_density(t, a, b, A, kappa, r, q, m):
-    """log of the unnormalised EPR density p(t) ∝ √(a t^r + b (1-t)^q + A^2 exp(2 kappa t^m)),
-    summed in log space so that exp(2 kappa t^m) cannot overflow."""
+def epr_log_density(t, a, b, c, kappa, r, q, n):
+    """log of the unnormalised EPR density p(t) ∝ √(a t^r + b (1-t)^q + c^2 exp(2 kappa t^n)),
+    amplitudes a, b, c, powers r, q, n; in log space, so exp(2 kappa t^n) cannot overflow."""
     terms = torch.stack([a.log() + torch.xlogy(r, t), b.log() + torch.xlogy(q, 1 - t),
-                         2 * A.log() + 2 * kappa * t ** m])
+                         2 * c.log() + 2 * kappa * t ** n])
     return 0.5 * torch.logsumexp(terms, 0)
 
 
@@ -182,20 +167,15 @@ def log_normalise(log_p, t):
     return log_p - top - torch.trapezoid((log_p - top).exp(), t).log()
 
 
-def epr_kl(theta, t, target):
-    """KL(target || p_theta) on the grid t, p_theta the normalised EPR density, by the trapezoid
-    rule; inf where the density overflows."""
-    log_p = log_normalise(epr_log_density(t, **epr_params(theta)), t)
-    return torch.trapezoid(torch.xlogy(target, target) - target * log_p, t).nan_to_num(math.inf)
-
-
 def fit_epr(t_grid, sqrt_m, n_starts=20, seed=0, max_iter=100):
-    """Fit the EPR family to the measured √m: argmin KL(√m || p) on the grid, both normalised by
-    the trapezoid rule. Multi-start: n_starts random starts (fixed seed), each run through L-BFGS;
-    the lowest KL wins. Returns the parameters as a dict of python floats."""
-    t = torch.as_tensor(t_grid, dtype=torch.float64)
-    target = torch.as_tensor(sqrt_m, dtype=torch.float64)
+    """The EPR parameters (dict of floats) minimising KL(√m || p) on the grid, both normalised, by
+    the trapezoid rule (inf where p overflows): L-BFGS from n_starts random starts (fixed seed)."""
+    t, target = (torch.as_tensor(z, dtype=torch.float64) for z in (t_grid, sqrt_m))
     target = target / torch.trapezoid(target, t)
+
+    def kl(theta):  # KL(target || p_theta) by the trapezoid rule; inf where p_theta overflows
+        log_p = log_normalise(epr_log_density(t, **epr_params(theta)), t)
+        return torch.trapezoid(torch.xlogy(target, target) - target * log_p, t).nan_to_num(math.inf)
     starts = torch.randn(n_starts, 7, generator=torch.Generator().manual_seed(seed),
                          dtype=torch.float64)
     best, best_kl = None, math.inf
@@ -205,13 +185,13 @@ def fit_epr(t_grid, sqrt_m, n_starts=20, seed=0, max_iter=100):
 
         def kl_step():  # L-BFGS's closure: the KL at theta, its gradient in theta.grad
             lbfgs.zero_grad()
-            loss = epr_kl(theta, t, target)
+            loss = kl(theta)
             loss.backward()
             return loss
         lbfgs.step(kl_step)
-        kl = epr_kl(theta.detach(), t, target).item()
-        if kl < best_kl:
-            best, best_kl = theta.detach(), kl
+        value = kl(theta.detach()).item()
+        if value < best_kl:
+            best, best_kl = theta.detach(), value
     if best is None:
         raise ValueError("the EPR fit diverged from every start; use fit='none' or more n_starts")
     return {k: v.item() for k, v in epr_params(best).items()}
@@ -220,43 +200,30 @@ def fit_epr(t_grid, sqrt_m, n_starts=20, seed=0, max_iter=100):
 def _float32_inside(lo, hi):
     """The widest [lo', hi'] inside [lo, hi] with float32 ends: a float64 t in [lo', hi'] stays in
     it when rounded to float32, so the float32 draws never leave the support."""
-    ends = torch.tensor([lo, hi], dtype=torch.float64).float()
-    if ends[0].double() < lo:
-        ends[0] = torch.nextafter(ends[0], torch.tensor(math.inf))
-    if ends[1].double() > hi:
-        ends[1] = torch.nextafter(ends[1], torch.tensor(-math.inf))
-    return ends[0].item(), ends[1].item()
+    lo32, hi32 = torch.tensor([lo, hi], dtype=torch.float64).float()
+    lo32 = torch.nextafter(lo32, torch.tensor(math.inf)) if lo32.double() < lo else lo32
+    hi32 = torch.nextafter(hi32, torch.tensor(-math.inf)) if hi32.double() > hi else hi32
+    return lo32.item(), hi32.item()
 
 
-class PPOTSCore(Sampler):
-    """P-POTS, the paper's Pareto-optimal t-sampler: t ~ p(t), weight w = 1/p(t), p ∝ √m.
-
-    With m(t) = E[l^2 | t] the estimate's second moment is int m/p, smallest for p ∝ √m, where it
-    is (int √m)^2 against int m for uniform t (Cauchy–Schwarz: docs/variance.md, "Why p ∝ √m").
-    sqrt_m is the measured √m on t_grid (measure_curve; the paper's w(t), not the weight), used as
-    is (fit='none': extended_sqrt_m) or through its EPR fit on the grid (fit='epr', the paper's).
-    p is piecewise constant on CELLS equal cells of the support (trapezoid cell averages of the
-    curve); inverse-CDF sampling, linear inside a cell, draws exactly that p, so w = 1/p is
-    exactly unbiased. Options (the defaults keep it unbiased):
-      support    'full': t in [0, 1]. 'grid': t in [t_grid[0], t_grid[-1]], p normalised there:
-                 BIASED, it drops the integral's noisiest end (the paper's released sampler).
-      mix        p_mix = (1 - mix) p + mix / |support|: still unbiased, w <= |support| / mix.
-      max_weight w = min(1/p, max_weight): BIASED (under-weights the rarely drawn t), bounds w.
-    State: t_grid, sqrt_m, the settings and params (dict of floats; None for fit='none'); updates
-    replace tensors, never in place, so a state_dict is a snapshot.
-    """
+class PPOTS(Sampler):
+    """P-POTS: t ~ p(t), w = 1/p(t), p ∝ √m with m = E[l^2 | t], the least second moment of w l
+    (docs/variance.md, "Why p ∝ √m"; "The sampler" for the table and options). sqrt_m is √m on
+    t_grid (the paper's w(t)); p follows it (fit='none': extended_sqrt_m) or its EPR fit (fit='epr',
+    the paper's), constant on CELLS equal cells of the support and drawn exactly: w is unbiased.
+      support    'full': t in [0, 1]. 'grid': [t_grid[0], t_grid[-1]]: BIASED, a truncation.
+      mix        p = (1 - mix) p + mix / |support|: still unbiased, w <= |support| / mix.
+      max_weight w = min(1/p, max_weight): BIASED.
+    State: `keys` (params None for fit='none'); the table lo, hi, cdf, p is computed from them.
+    Tensors are replaced, never changed in place, so a state_dict is a snapshot."""
     name = "ppots"
-    keys = ("t_grid", "sqrt_m", "fit", "support", "n_starts", "seed", "max_weight", "mix",
-            "params")
+    keys = ("t_grid", "sqrt_m", "fit", "support", "n_starts", "seed", "max_weight", "mix", "params")
 
     def __init__(self, t_grid, sqrt_m, fit="epr", n_starts=20, seed=0, max_weight=None, mix=0.0,
                  support="full"):
-        if fit not in ("epr", "none"):
-            raise ValueError(f"unknown P-POTS fit {fit!r}; choose 'epr' or 'none'")
-        if support not in ("full", "grid"):
-            raise ValueError(f"unknown P-POTS support {support!r}; choose 'full' or 'grid'")
-        if not 0 <= mix <= 1:
-            raise ValueError(f"P-POTS mix must be in [0, 1], got {mix}")
+        if fit not in ("epr", "none") or support not in ("full", "grid") or not 0 <= mix <= 1:
+            raise ValueError(f"P-POTS needs fit 'epr'|'none', support 'full'|'grid', 0 <= mix <= 1;"
+                             f" got {fit!r}, {support!r}, {mix}")
         self.t_grid = torch.as_tensor(t_grid, dtype=torch.float64)
         self.sqrt_m = torch.as_tensor(sqrt_m, dtype=torch.float64)
         if len(self.t_grid) < 2 or self.sqrt_m.shape != self.t_grid.shape:
@@ -265,6 +232,14 @@ class PPOTSCore(Sampler):
         self.fit, self.support, self.n_starts, self.seed = fit, support, n_starts, seed
         self.max_weight, self.mix = max_weight, mix
         self._refit()
+
+    @classmethod
+    def from_state(cls, sd):
+        """The saved curve, settings and params, tabulated again (not refitted): same draws."""
+        sampler = cls.__new__(cls)
+        vars(sampler).update({k: sd[k] for k in cls.keys})
+        sampler._tabulate()
+        return sampler
 
     def _refit(self):
         self.params = (fit_epr(self.t_grid, self.sqrt_m, self.n_starts, self.seed)
@@ -286,17 +261,18 @@ class PPOTSCore(Sampler):
                                                                              dtype=torch.float64)
         self.p = self.cdf.diff() * CELLS / (self.hi - self.lo)
 
-    def load_state_dict(self, sd):
-        """Also loads a state dict from before the rename w_grid -> sqrt_m and before `support`."""
-        sd = {"support": "full", **sd}
-        if "w_grid" in sd:
-            sd["sqrt_m"] = sd.pop("w_grid")
-        super().load_state_dict(sd)
-        self._tabulate()
-
     def sqrt_m_at(self, t):
         """The measured √m at t, extended beyond the grid (extended_sqrt_m), float64."""
         return extended_sqrt_m(self.t_grid, self.sqrt_m, t)
+
+    def sample(self, n, generator=None):
+        """Inverse CDF: u ~ U(0,1); the cell i with cdf[i] <= u < cdf[i+1] by searchsorted, then
+        linear interpolation inside it. w is evaluated at the returned (float32) t."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        i = torch.searchsorted(self.cdf, u, right=True) - 1
+        x = (i + (u - self.cdf[i]) / (self.cdf[i + 1] - self.cdf[i])) / CELLS
+        t = (self.lo + (self.hi - self.lo) * x).float()
+        return t, self.weight(t)
 
     def density(self, t):
         """The normalised density p(t) that sample() draws from (float64; 0 off the support)."""
@@ -309,45 +285,33 @@ class PPOTSCore(Sampler):
         w = 1 / self.density(t)
         return (w if self.max_weight is None else w.clamp(max=self.max_weight)).float()
 
-    def sample(self, n, generator=None):
-        """Inverse CDF: u ~ U(0,1); the cell i with cdf[i] <= u < cdf[i+1] by searchsorted, then
-        linear interpolation inside it. w is evaluated at the returned (float32) t."""
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        i = torch.searchsorted(self.cdf, u, right=True) - 1
-        x = (i + (u - self.cdf[i]) / (self.cdf[i + 1] - self.cdf[i])) / CELLS
-        t = (self.lo + (self.hi - self.lo) * x).float()
-        return t, self.weight(t)
+
+def build_ppots(model, dataset, spec=MaskSpec(), generator=None, T=70, n_x0=32, n_masks=4, **kw):
+    """measure_curve on the model as it is, then PPOTS(t, √m, **kw) fits and tabulates."""
+    curve = measure_curve(model, dataset, spec, T, n_x0, n_masks, generator)
+    return PPOTS(curve["t"], curve["m"].sqrt(), **kw)
 
 
 # ----------------------------------------------------------------------------- construction
-def build_ppots(model, task, masking=MaskSpec(), generator=None, T=70, n_x0=32, n_masks=4, **kw):
-    """Measure the curve (measure_curve) and return PPOTSSampler(t, √m, **kw)."""
-    curve = measure_curve(model, task, masking, T, n_x0, n_masks, generator)
-    return PPOTSSampler(curve["t"], curve["m"].sqrt(), **kw)
+LAWS = dict(zip(SAMPLERS, (UniformSampler, StratifiedSampler, ClippedSampler, PPOTS)))
 
 
 def make_sampler(name, **kw):
-    """A sampler by name (SAMPLERS): uniform, stratified (k=), clipped (lo=, hi=), ppots (t_grid=,
-    sqrt_m=, ...)."""
-    laws = dict(zip(SAMPLERS, (UniformSampler, StratifiedSampler, ClippedSampler, PPOTSSampler)))
-    if name not in laws:
-        raise ValueError(f"unknown t-sampler {name!r}; choose from {sorted(laws)}")
-    return laws[name](**kw)
+    """A sampler by name (SAMPLERS), kw its constructor's: k=; lo=, hi=; t_grid=, sqrt_m=, ...."""
+    if name not in LAWS:
+        raise ValueError(f"unknown t-sampler {name!r}; choose from {sorted(LAWS)}")
+    return LAWS[name](**kw)
 
 
 def sampler_from_state(sd):
-    """Rebuild a sampler from its state_dict() alone (resume): P-POTS gets its curve, params and
-    bins back without re-measuring or refitting, so it samples identically; old w_grid dicts too."""
-    if sd["name"] == "ppots":  # fit='none' is cheap; load_state_dict sets the rest
-        sampler = PPOTSSampler(sd["t_grid"], torch.ones(len(sd["t_grid"])), fit="none")
-    else:
-        sampler = make_sampler(sd["name"])
-    sampler.load_state_dict(sd)
-    return sampler
+    """The sampler whose state_dict() is sd (resume, DDP), by its law's from_state: a P-POTS gets
+    its curve and params back, not refitted, so it draws identically."""
+    if sd["name"] not in LAWS:
+        raise ValueError(f"no t-sampler named {sd['name']!r} among {sorted(LAWS)}")
+    return LAWS[sd["name"]].from_state(sd)
 
 
 # ----------------------------------------------------------------------------- behind the seam
-# P-POTS's online refits (not in the paper) and its diagnostics: PPOTSCore is the whole method.
 def curve_integrals(t_grid, sqrt_m, tail_cells=1024):
     """(int_0^1 m, int_0^1 √m) of extended_sqrt_m: uniform t's second moment and the root of the
     optimum's. Exact on and above the grid; below it the midpoint rule on tail_cells cells."""
@@ -361,53 +325,56 @@ def curve_integrals(t_grid, sqrt_m, tail_cells=1024):
     return m.item(), root.item()
 
 
-class PPOTSSampler(PPOTSCore):
-    """PPOTSCore plus online refits from the training losses (observe, refit_online) and the
-    predicted second moments (second_moments, describe). Its state adds the bins sum_l2, count."""
-    keys = PPOTSCore.keys + ("sum_l2", "count")
+def second_moments(sampler):
+    """(int p w^2 m, (int √m)^2) / int m, m = extended_sqrt_m^2, for a PPOTS: its predicted
+    E_p[(w l)^2] (midpoint rule, 16 CELLS cells) and the optimum's, relative to uniform t's."""
+    u = (torch.arange(16 * CELLS, dtype=torch.float64) + 0.5) / (16 * CELLS)
+    m, p = sampler.sqrt_m_at(u) ** 2, sampler.density(u)
+    ours = torch.where(p > 0, p * sampler.weight(u).double() ** 2 * m, 0.0).mean().item()
+    uniform, root = curve_integrals(sampler.t_grid, sampler.sqrt_m)
+    return ours / uniform, root ** 2 / uniform
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
+
+def describe_fit(sampler):
+    """One line: a PPOTS's fit, settings and second_moments. Unbiased laws share the mean, so the
+    variance falls by (1 - ratio) E_U[l^2]."""
+    s, (ours, best) = sampler, second_moments(sampler)
+    fitted = " ".join(f"{k}={v:.3g}" for k, v in s.params.items()) if s.params else "measured curve"
+    support = f" support=[{s.lo:.4g}, {s.hi:.4g}] (BIASED: truncated)" * (s.support == "grid")
+    return (f"ppots fit={s.fit} ({fitted}) mix={s.mix} max_weight={s.max_weight}{support}: "
+            f"E[(w l)^2] vs uniform x{ours:.3f} (optimum x{best:.3f})")
+
+
+class OnlinePPOTS(PPOTS):
+    """PPOTS refitted from the training losses, no extra forward (not in the paper: docs/variance.md
+    "Online refits"). State: PPOTS's and the bins sum_l2, count, named 'ppots_online'."""
+    name = "ppots_online"
+    keys = PPOTS.keys + ("sum_l2", "count")
+
+    def __init__(self, sampler):
+        """The fitted PPOTS `sampler` (its attributes, shared) with empty bins: same draws."""
+        vars(self).update(vars(sampler))
         self.sum_l2, self.count = torch.zeros_like(self.t_grid), torch.zeros_like(self.t_grid)
 
     def observe(self, t, loss):
-        """Online mode (not in the paper; no extra forward pass): add the UNWEIGHTED losses' l^2 at
-        their t to the nearest grid point's bin (t over half a spacing beyond the grid is ignored).
-        That t ~ p does not matter: each bin estimates the conditional m(t_j) = E[l^2 | t ≈ t_j]."""
+        """Add the UNWEIGHTED l^2 to the nearest grid point's bin (t beyond the grid by over half a
+        spacing is ignored): each bin estimates m(t_j) = E[l^2 | t ≈ t_j], whatever law drew t."""
         tg = self.t_grid
         edges = torch.cat([tg[:1] - (tg[1] - tg[0]) / 2, (tg[1:] + tg[:-1]) / 2,
                            tg[-1:] + (tg[-1] - tg[-2]) / 2])
         j = torch.bucketize(t.detach().double().cpu(), edges) - 1
         keep = (j >= 0) & (j < len(tg))
         self.sum_l2 = self.sum_l2.index_add(0, j[keep], loss.detach().double().cpu()[keep] ** 2)
-        self.count = self.count.index_add(0, j[keep],
-                                          torch.ones(int(keep.sum()), dtype=torch.float64))
+        self.count = self.count.index_add(0, j[keep], torch.ones_like(j[keep], dtype=torch.float64))
 
     def refit_online(self):
-        """Refit on m(t_j) = sum l^2 / count of the bins since the last refit (an empty bin keeps
-        its estimate), then empty them, so each refit sees the latest model."""
-        seen = self.count > 0
-        m = torch.where(seen, self.sum_l2 / self.count.clamp(min=1), self.sqrt_m ** 2)
+        """Refit on m(t_j) = sum l^2 / count of the bins (an empty bin keeps its m); empty them."""
+        m = torch.where(self.count > 0, self.sum_l2 / self.count.clamp(min=1), self.sqrt_m ** 2)
         self.sqrt_m = m.sqrt()
         self.sum_l2, self.count = torch.zeros_like(self.t_grid), torch.zeros_like(self.t_grid)
         self._refit()
 
-    def second_moments(self):
-        """(int p w^2 m, (int √m)^2) / int m: the predicted E_p[(w l)^2] (midpoint rule on FINE
-        cells) and any unbiased law's optimum, relative to uniform t's; m is extended_sqrt_m^2."""
-        u = (torch.arange(FINE, dtype=torch.float64) + 0.5) / FINE
-        m, p = self.sqrt_m_at(u) ** 2, self.density(u)
-        ours = torch.where(p > 0, p * self.weight(u).double() ** 2 * m, 0.0).mean().item()
-        uniform, root = curve_integrals(self.t_grid, self.sqrt_m)
-        return ours / uniform, root ** 2 / uniform
 
-    def describe(self):
-        """One line: the fit and second_moments (a ratio of SECOND moments: unbiased laws share the
-        mean, so the variance falls by (1 - ratio) E_U[l^2])."""
-        fitted = (" ".join(f"{k}={v:.3g}" for k, v in self.params.items()) if self.params
-                  else "measured curve")
-        support = ("" if self.support == "full"
-                   else f" support=[{self.lo:.4g}, {self.hi:.4g}] (BIASED: truncated)")
-        ours, best = self.second_moments()
-        return (f"ppots fit={self.fit} ({fitted}) mix={self.mix} max_weight={self.max_weight}"
-                f"{support}: E[(w l)^2] vs uniform x{ours:.3f} (optimum x{best:.3f})")
+def restore_sampler(sd):
+    """sampler_from_state, and OnlinePPOTS.from_state for an online P-POTS state."""
+    return OnlinePPOTS.from_state(sd) if sd["name"] == OnlinePPOTS.name else sampler_from_state(sd)

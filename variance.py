@@ -8,31 +8,20 @@ splits Var l into
     B = E_{x0} Var_t g(x0, t)         masking-rate noise      (P-POTS; StraTS across a batch)
     C = Var_{x0} E_t g(x0, t)         data noise              (what an ARM has too)
 
-measure() draws a x0 x b rates x c masks through train.py's own calls, decompose() turns the
-[a, b, c] losses (or projected gradients, target='grad') into unbiased A, B, C, and bootstrap_x0()
-gives their intervals, resampling x0 (docs/variance.md). Standalone, a table for every t-sampler x
-masking on one checkpoint, each number with its 95 % interval:
+measure() draws a x0 x b rates x c masks through train.py's own calls and decompose() turns the
+[a, b, c] losses (or projected gradients, target='grad') into unbiased A, B, C; train.py prints
+them with format_line every variance_interval steps. Intervals (a bootstrap over x0) and the
+standalone table for every t-sampler x masking on one checkpoint are the lab's:
 
-    python variance.py --out_dir=out [--n_x0=64 --n_t=16 --n_masks=4 --grad_n_x0=16 --n_proj=4
-                                      --n_boot=4000 --device=cpu --seed=0]
+    python -m lab.variance_table --out_dir=out
 """
-import functools
 import math
-import os
-import sys
-import time
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
-import samplers
-import stats
-from configurator import check_ranges, configure, report_errors
-from data import task_from_checkpoint
-from masking import MODES, MaskSpec, row_losses
-from checkpoint import load_checkpoint
+from masking import MaskSpec, row_losses
 
 PROJ_SEED = 0  # the random projection directions of target='grad' are the same in every call
 
@@ -88,21 +77,6 @@ def decompose(L):
     return components(x0_summary(L))
 
 
-def bootstrap_x0(stat, draws, n_boot=4000, seed=0, level=0.95):
-    """stats.bootstrap's percentile intervals over x0, the unit of independence (each resampled
-    row keeps all its draws): dict(est, lo, hi), or {key: dict(est, lo, hi)}. draws: {name:
-    L[a, ...]} on the SAME a x0s (e.g. measure(keep_draws=True) with one generator seed), all
-    resampled with the SAME rows, so ratios are paired. stat(comps, idx) -> float or dict, with
-    comps = {name: components on the rows idx}; idx lets it resample other per-x0 arrays alike."""
-    summaries = {name: x0_summary(L) for name, L in draws.items()}
-    sizes = {len(s["mean"]) for s in summaries.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"bootstrap_x0 needs all arrays on the same x0s, got {sorted(sizes)} rows")
-    return stats.bootstrap(
-        lambda idx: stat({name: components(s, idx) for name, s in summaries.items()}, idx),
-        sizes.pop(), n_boot, seed, level)
-
-
 def draw_rates(sampler, n_x0, n_t, generator=None):
     """(t, w), FloatTensor[n_x0, n_t] each, all i.i.d. from one row's law (sampler.marginal), as
     decompose needs: one stratified sample(n_t) per x0 would spread them evenly, inflating B and
@@ -120,7 +94,7 @@ def _with_params(model, params):
     return forward
 
 
-def _draws(model, x0, eligible, t, w, masking, seed, max_rows, directions=None):
+def _draws(model, x0, eligible, t, w, spec, seed, max_rows, directions=None):
     """l * w per row, FloatTensor[R]; chunk i of max_rows rows draws its masks from seed + i, so
     every pass sees the same masks. With `directions` (n_proj parameter dicts u): [R, n_proj] of
     <grad(l * w), u>, one forward-mode jvp per u for all rows (no per-row gradient is stored;
@@ -132,7 +106,7 @@ def _draws(model, x0, eligible, t, w, masking, seed, max_rows, directions=None):
 
         def loss(m):
             gen = torch.Generator(x0.device).manual_seed(seed + i)
-            return row_losses(m, x0[rows], eligible[rows], t[rows], masking, gen) * w[rows]
+            return row_losses(m, x0[rows], eligible[rows], t[rows], spec, gen) * w[rows]
         if directions is None:
             out.append(loss(model))
             continue
@@ -157,7 +131,7 @@ def _directions(model, n_proj):
 
 
 @torch.no_grad()
-def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4, target="loss",
+def measure(model, dataset, sampler, spec=MaskSpec(), n_x0=32, n_t=8, n_masks=4, target="loss",
             generator=None, batch_size=None, n_batches=32, n_proj=8, max_rows=1024,
             keep_draws=False):
     """A, B, C of the training draw l * w (target='loss') or of its gradient (target='grad'), from
@@ -178,7 +152,7 @@ def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4,
     was_training, device, causal = model.training, model.lm_head.weight.device, model.config.causal
     model.eval()
     try:
-        x0, eligible = (z.to(device) for z in task.batch(n_x0, "train", generator))
+        x0, eligible = (z.to(device) for z in dataset.batch(n_x0, "train", generator))
         b, c = (1, 1) if causal else (n_t, n_masks)  # an ARM's l depends on x0 only: evaluate once
         t, w = ((torch.zeros(n_x0, 1), torch.ones(n_x0, 1)) if causal
                 else draw_rates(sampler, n_x0, n_t, generator))
@@ -186,7 +160,7 @@ def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4,
         seed = int(torch.randint(2**62, (), generator=generator))
         directions = _directions(model, n_proj) if target == "grad" else None
         vals = _draws(model, x0.repeat_interleave(b * c, 0), eligible.repeat_interleave(b * c, 0),
-                      t, w, masking, seed, max_rows, directions)
+                      t, w, spec, seed, max_rows, directions)
         L = vals.double().view(n_x0, b, c, *vals.shape[1:]).expand(n_x0, n_t, n_masks,
                                                                    *vals.shape[1:])
         if target == "grad":
@@ -197,29 +171,29 @@ def measure(model, task, sampler, masking=MaskSpec(), n_x0=32, n_t=8, n_masks=4,
             res.update(n_proj=n_proj, n_params=D)
         else:
             res["mean"] = L.mean().item()
-            res["batch_var"] = _batch_var(model, task, sampler, masking, batch_size or n_x0,
+            res["batch_var"] = _batch_var(model, dataset, sampler, spec, batch_size or n_x0,
                                           n_batches, generator, max_rows)
     finally:
         model.train(was_training)
-    res.update(target=target, masking=str(masking), n_x0=n_x0, n_t=n_t, n_masks=n_masks)
+    res.update(target=target, masking=str(spec), n_x0=n_x0, n_t=n_t, n_masks=n_masks)
     if keep_draws:
         res["draws"] = L.cpu()
     return res
 
 
-def _batch_var(model, task, sampler, masking, batch_size, n_batches, generator, max_rows):
+def _batch_var(model, dataset, sampler, spec, batch_size, n_batches, generator, max_rows):
     """Unbiased variance of the batch mean of l * w over n_batches independent training batches,
     each with its t's from one sampler.sample(batch_size) call, as train.py draws them."""
     device, causal = model.lm_head.weight.device, model.config.causal
     batches = []
     for _ in range(n_batches):
-        x0, eligible = task.batch(batch_size, "train", generator)
+        x0, eligible = dataset.batch(batch_size, "train", generator)
         t, w = ((torch.zeros(batch_size), torch.ones(batch_size)) if causal
                 else sampler.sample(batch_size, generator))
         batches.append((x0, eligible, t, w))
     x0, eligible, t, w = (torch.cat(z).to(device) for z in zip(*batches))
     seed = int(torch.randint(2**62, (), generator=generator))
-    vals = _draws(model, x0, eligible, t, w, masking, seed, max_rows)
+    vals = _draws(model, x0, eligible, t, w, spec, seed, max_rows)
     return vals.double().view(n_batches, batch_size).mean(1).var().item()
 
 
@@ -230,129 +204,3 @@ def format_line(iter_num, loss_res, grad_res=None):
         if res is not None:
             parts.append(f"{name} " + " ".join(f"{k} {res[k]:.3g}" for k in "ABC"))
     return " | ".join(parts)
-
-
-# ----------------------------------------------------------------------------- standalone table
-def ppots_floor(t_grid, m, g):
-    """The smallest variance of the training draw under any unbiased t-law, (int √m)^2 - (int g)^2
-    over [0, 1] (docs/variance.md, "Why p ∝ √m"): m extended as samplers.extended_sqrt_m, g
-    (finite as t -> 0) held flat beyond both ends of the grid."""
-    t, g = torch.as_tensor(t_grid, dtype=torch.float64), torch.as_tensor(g, dtype=torch.float64)
-    _, root = samplers.curve_integrals(t, torch.as_tensor(m, dtype=torch.float64).sqrt())
-    mean = torch.trapezoid(g, t) + t[0] * g[0] + (1 - t[-1]) * g[-1]
-    return root ** 2 - mean.item() ** 2
-
-
-def _ci(ci, scale=1.0):
-    """'est [lo, hi]' of a stats.bootstrap interval, divided by scale."""
-    return f"{ci['est'] / scale:.3g} [{ci['lo'] / scale:.3g}, {ci['hi'] / scale:.3g}]"
-
-
-def _print_aligned(lines):
-    """Rows of strings as right-aligned columns, two spaces apart."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for line in lines:
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
-
-
-def _print_table(target, cis, rows, res, n):
-    """One target's A, B, C, total as 'est [lo, hi]' in a common unit (a power of 1000)."""
-    keys = ("A", "B", "C", "total")
-    top = max(abs(v) for r in rows for k in keys for v in cis[(*r, k)].values()) or 1.0
-    scale = 10.0 ** (3 * math.floor(math.log10(top) / 3))
-    loss = target == "loss"
-    print(f"\n{target}: variance components in units of {scale:.0e}, est [95 % interval], "
-          f"bootstrap over the {n} x0s" + (", and batch_var" if loss else ""))
-    _print_aligned([["sampler", "masking", *keys] + ["batch_var"] * loss] + [
-        [*r, *(_ci(cis[(*r, k)], scale) for k in keys)]
-        + [f"{res['loss', r]['batch_var']:.3g}"] * loss for r in rows])
-
-
-def main(argv):
-    """Per target: A, B, C, total with x0 intervals per t-sampler x masking, the paired A ratios of
-    MIRROR and pair to standard, P-POTS's total against its floor; components_vs_t.png."""
-    import figures
-    cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, grad_n_x0=16,
-                         n_proj=4, n_boot=4000, device="cpu", seed=0), argv)
-    check_ranges(cfg, {"n_x0": (2, None), "n_t": (2, None), "n_masks": (2, None),
-                       "n_batches": (2, None), "grad_n_x0": (2, None), "n_proj": (1, None),
-                       "n_boot": (100, None)})
-    start = time.time()
-    model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
-    task = task_from_checkpoint(ckpt)
-    n_x0 = {"loss": cfg["n_x0"], "grad": cfg["grad_n_x0"]}
-    kw = dict(n_t=cfg["n_t"], n_masks=cfg["n_masks"], n_batches=cfg["n_batches"],
-              n_proj=cfg["n_proj"], keep_draws=True)
-    batch_rows = lambda mode: ckpt["config"]["batch_size"] // (  # train.py's x0 rows per step
-        2 if mode in ("mirror", "pair") and ckpt["config"].get("matched_compute") else 1)
-    gen = lambda shift=0: torch.Generator().manual_seed(cfg["seed"] + shift)  # gen(): same x0s
-    causal = ckpt["model_args"].get("causal")
-    names = ("uniform", "stratified", "ppots")
-    rows = [("ARM", "-")] if causal else [(s, mode) for mode in MODES for s in names]
-    res, curves, fitted = {}, {}, {}
-    for s, mode in tqdm(rows, desc="variance"):
-        spec = MaskSpec("standard" if causal else mode)
-        if s == "stratified":  # one row's law is uniform's (Sampler.marginal), so with the same
-            # generator its per-draw A, B, C are uniform's, draw for draw: only the batch changes
-            res["grad", (s, mode)] = res["grad", ("uniform", mode)]
-            res["loss", (s, mode)] = {**res["loss", ("uniform", mode)], "batch_var": _batch_var(
-                model, task, samplers.make_sampler(s), spec, batch_rows(mode), cfg["n_batches"],
-                gen(), 1024)}
-            continue
-        if s == "ppots":  # fitted on other x0s (gen(1)); the floor's curve on the table's x0s
-            fit_curve = samplers.measure_curve(model, task, spec, generator=gen(1))
-            fitted[mode] = samplers.PPOTSSampler(fit_curve["t"], fit_curve["m"].sqrt())
-            curves[mode] = samplers.measure_curve(model, task, spec, n_x0=cfg["n_x0"],
-                                                  n_masks=cfg["n_masks"], generator=gen(),
-                                                  keep_draws=True)
-            sampler = fitted[mode]
-        else:
-            sampler = None if causal else samplers.make_sampler(s)
-        for target in ("loss", "grad"):
-            res[target, (s, mode)] = measure(model, task, sampler, spec, n_x0[target],
-                                             target=target, generator=gen(),
-                                             batch_size=batch_rows(mode), **kw)
-    per_x0 = {mode: ((cv["draws"] ** 2).mean(2).numpy(), cv["draws"].mean(2).numpy())
-              for mode, cv in curves.items()}  # per-x0 m and g on the grid, [n_x0, T - 1]
-
-    def stat(comps, idx, target):
-        out = {(*r, k): v for r in rows for k, v in comps[r].items()}
-        for s in names if not causal else ():
-            for mode in ("mirror", "pair"):
-                out["ratio", s, mode] = comps[s, mode]["A"] / comps[s, "standard"]["A"]
-        if target == "loss":
-            for mode, (m_x0, g_x0) in per_x0.items():
-                floor = ppots_floor(curves[mode]["t"], m_x0[idx].mean(0), g_x0[idx].mean(0))
-                out["floor", mode] = floor
-                out["above", mode] = comps["ppots", mode]["total"] / floor
-        return out
-    cis = {target: bootstrap_x0(functools.partial(stat, target=target),
-                                {r: res[target, r]["draws"] for r in rows}, cfg["n_boot"],
-                                cfg["seed"])
-           for target in ("loss", "grad")}
-    for target in ("loss", "grad"):
-        _print_table(target, cis[target], rows, res, n_x0[target])
-    if not causal:
-        print("stratified: one row's t-law is uniform's, so its rows repeat uniform's draws; "
-              "StraTS shows only in batch_var, the variance of a training batch's mean")
-        print("\nA of MIRROR and of pair over A of standard, paired on the same x0s (theory: pair "
-              "= 1/2; MIRROR <= 1/2 if a token's CE ignored the rest of the mask)")
-        pairs = [(target, mode) for target in ("loss", "grad") for mode in ("mirror", "pair")]
-        _print_aligned([["sampler", *(f"{t} {mode}/standard" for t, mode in pairs)]] + [
-            [s, *(_ci(cis[t]["ratio", s, mode]) for t, mode in pairs)] for s in names])
-        print("\nP-POTS, fitted on other x0s: predicted from its curve, then its measured total "
-              "against the floor (int √m)^2 - (int g)^2 of any unbiased t-law on the table's x0s")
-        for mode, sampler in fitted.items():
-            loss, (ours, best) = cis["loss"], sampler.second_moments()
-            print(f"{mode:>8}: predicted E[(w l)^2] x{ours:.3f} of uniform's, optimum x{best:.3f}\n"
-                  f"{'':>10}measured total {_ci(loss['ppots', mode, 'total'])}, floor "
-                  f"{_ci(loss['floor', mode])}, total / floor {_ci(loss['above', mode])}")
-        path = os.path.join(cfg["out_dir"], "components_vs_t.png")
-        figures.plot_components(curves, path)
-        print(f"wrote {path}")
-    print(f"variance.py took {time.time() - start:.0f} s")
-
-
-if __name__ == "__main__":
-    report_errors()
-    main(sys.argv[1:])

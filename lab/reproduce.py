@@ -2,12 +2,12 @@
 method, several seeds, one table in which every comparison carries its interval. Not the paper's
 Table 1 (an 8B-scale fine-tune): every run trains a small model from scratch on a synthetic task.
 
-    python reproduce.py                   # 18 methods x 10 seeds: ~64 min on 2 CPU cores (*)
-    python reproduce.py --quick           # 8 methods x 2 seeds x 100 steps: 4 min 46 s (timed)
-    python reproduce.py --methods=Standard,P-POTS+MIRROR --seeds=5 --out=results_pm
-    python reproduce.py --jobs=16 --threads=0   # 16 train.py processes, cores // 16 threads each
-    python reproduce.py config/reproduce_gpu.py                 # a bigger preset for one GPU
-    python reproduce.py --train_args="--n_layer=1 --n_embd=32"  # extra train.py flags, applied last
+    python -m lab.reproduce                  # 18 methods x 10 seeds (timings: docs/results.md)
+    python -m lab.reproduce --quick          # 8 methods x 2 seeds x 100 steps: a smoke test
+    python -m lab.reproduce --methods=Standard,P-POTS+MIRROR --seeds=5 --out=results_pm
+    python -m lab.reproduce --jobs=16 --threads=0  # 16 train.py processes, cores // 16 threads each
+    python -m lab.reproduce lab/config/reproduce_gpu.py   # a bigger preset for one GPU
+    python -m lab.reproduce --train_args="--n_layer=1 --n_embd=32"  # extra train.py flags, last
 
 Rows. Every row trains max_iters steps of batch_size forward rows: MIRROR and pair see
 batch_size/2 clean examples per step (train.py's matched_compute=True). The -paper rows run as the
@@ -20,31 +20,21 @@ the range of its measurement grid, as the authors' code does (biased). P-POTS's 
 69 x 32 x 4 = 8,832 clean rows without backward (x 2 for mirror/pair), is outside the budget and
 shown in the forward-rows column.
 
-(*) The 16 rows of docs/results.md (160 runs) took 57 min 53 s end to end (`time`, from an empty
---out); EMA-CV and weight-EMA add 20 runs of 35-37 s, two at a time: ~6 min more (estimate).
-
 Comparisons. Each row against Standard, the -paper rows also against their compute control
 Standard-2x; the paper's claims are checked for P-POTS+MIRROR and P-POTS+MIRROR-paper. Runs,
 cache, FAILED runs, intervals and outputs: study.py's docstring.
 
 Task and budget (the CPU default): sort 8 digits with train.py's default model (4 x 128, 0.79M
 parameters, lr 2e-3 cosine to 2e-4) for 250 steps of 32 rows, i.e. 8,000 forward rows per run;
-warmup 10 % of the steps, P-POTS fitted after 20 %. Why so short: sort is learnt after ~10-20k
-forward rows whatever we tried, so at train.py's defaults (1000 x 128) every method scores 100 %:
-300 x 128 steps gave 98-99 %, a 2 x 64 model 99-100 % after 500 x 128, lr 5e-4 99.6 % after
-300 x 128, 12 digits 99 % after 400 x 128. The add task does not help: it sits near 0 % for
-hundreds of steps, then jumps to 100 % at a seed-dependent step (2 digits, 1000 x 128: 100 % and
-24 %; 3 digits: 0 % after 400 x 128). At 250 x 32, Standard lands mid-range and varies by seed
-(seeds 0-9: 0.67 0.43 0.75 0.64 0.49 0.41 0.73 0.68 0.77 0.90, mean 0.65 ± 0.16). A run takes
-~12 s on 2 idle cores, more with 2 x 32 forward rows per step, P-POTS 3-6 s more (its curve).
+warmup 10 % of the steps, P-POTS fitted after 20 %. Why so short, and the timings: docs/results.md,
+"Calibration".
 --quick: Standard, Standard-2x, P-POTS, MIRROR, P-POTS+MIRROR, P-POTS+MIRROR-paper, ISAD-first and
-ISAD-hard, 2 seeds of 100 steps; 16 runs, 4 min 46 s on 2 cores (`time`, 2026-11-30). With 2
-seeds no p-value can go below 0.5: it is a smoke test.
+ISAD-hard, 2 seeds of 100 steps (16 runs). With 2 seeds no p-value can go below 0.5: a smoke test.
 """
 import sys
 
-import study
 from configurator import report_errors
+from lab import study
 
 # method name -> train.py flags, after task_args and before train_args; a new row is one more line
 METHODS = {
@@ -101,7 +91,7 @@ SCRATCH = study.Study(
     batch_multiple={"Standard-2x": 2},  # --batch_size=2 x (task_args + train_args)'s, last flag
     controls={m: "Standard-2x" for m in ("MIRROR-paper", "pair-paper", "P-POTS+MIRROR-paper")},
     claimed=("P-POTS+MIRROR", "P-POTS+MIRROR-paper"),
-    notes="Rows: see reproduce.py's docstring (-paper: the paper's 2x forward rows per step, "
+    notes="Rows: see lab/reproduce.py's docstring (-paper: the paper's 2x forward rows per step, "
           "compute control Standard-2x; ISAD-hard's tokens are this project's choice).",
 )
 

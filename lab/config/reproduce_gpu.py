@@ -1,7 +1,7 @@
-# python reproduce.py config/reproduce_gpu.py : the from-scratch study on one GPU, a bigger model
+# python -m lab.reproduce lab/config/reproduce_gpu.py : the from-scratch study on one GPU, a bigger model
 # on a longer sort. Calibrated on one H200 (docs/scaling.md): Standard, 3 seeds, gave held-out
 # exact match 0.303 ± 0.196 at 200 steps, 0.780 ± 0.095 at 300 and 0.907 ± 0.111 at 600
-# (python reproduce.py config/reproduce_gpu.py --methods=Standard --seeds=3 --jobs=3
+# (python -m lab.reproduce lab/config/reproduce_gpu.py --methods=Standard --seeds=3 --jobs=3
 #  --max_iters=N).
 device = "cuda"
 out = "results_gpu"

@@ -2,9 +2,9 @@
 under both protocols, with intervals; then the gradient variance of each arm at SFT step 0 beside
 its outcome.
 
-    python reproduce_sft.py                  # 14 arms x 10 seeds, pretraining included: see README
-    python reproduce_sft.py --quick          # 5 arms x 2 seeds, short: a smoke test
-    python reproduce_sft.py --methods=Standard,MIRROR-paper --seeds=5 --jobs=2 --threads=1
+    python -m lab.reproduce_sft              # 14 arms x 10 seeds, pretraining included: see README
+    python -m lab.reproduce_sft --quick      # 5 arms x 2 seeds, short: a smoke test
+    python -m lab.reproduce_sft --methods=Standard,MIRROR-paper --seeds=5 --jobs=2 --threads=1
 
 The paper fine-tunes a pretrained LLaDA-8B-Instruct on GSM8K-sized sets for several epochs (lr 5e-5,
 linear decay, batch 32, clip 1.0), fits P-POTS once on the pretrained model, and runs MIRROR's two
@@ -23,46 +23,8 @@ P-POTS (unbiased, t on [0, 1]); P-POTS-grid (the released code's t range, biased
 StraTS; ISAD (the first answer token); ARM (the pretrained ARM, fine-tuned alike). Seed s gives
 every arm the same pretrained start and, at equal clean rows per step, the same SFT data order.
 
-Calibration. The SFT task had to be one a 0.3M-parameter model pretrained for minutes can half
-learn: Standard SFT at 30-80 % held-out exact match, with a seed spread. Tried on 2 CPU cores,
-Standard seed 0 (and 1), 2,000 examples, batch 32, linear decay to 0:
-  - 8-digit addition with the column sums written out (26 answer tokens), pretrained on sort, add
-    and 1-4 digit scratchpads (3 x 96, 1,500 steps): 0 % after 300 SFT steps (lr 5e-4); the
-    pretrained model had never seen the 8-digit layout (val 7.1 nats/token at step 0).
-  - 6-digit addition worked column by column (digits, carry, digit; 32 tokens), 1-6 digit
-    scratchpads in the mix: the pretrained model decoded '.' everywhere: plain add and the
-    scratchpad shared prompts, so the prompt did not name the format. Without plain add, 2,000
-    pretraining steps: 0 % exact (48 % of tokens) before SFT.
-  - a counting sort (each digit's count, then the sort; 14 digits, 25 tokens): 0 % after 200 SFT
-    steps (lr 1e-3) from 1,000 pretraining steps.
-  - twosort, 12 digits (the task here), pretrained 3 x 96 for S steps, then 200 SFT steps at lr
-    1e-3: S = 500: 1.2 %; S = 1,000: 14.5 %; S = 1,500: 26.6 %; S = 2,000: 32.0 % and 31.6 %
-    (seeds 0 and 1), up from 4.3 % before SFT, still rising at the end (25.8 % at step 150,
-    when the linear decay has 1/4 of the rate left).
-  - The plateau, from the same pretrained MDM (final exact match against the run's length S,
-    the linear decay ending at S; seeds 0 and 1): lr 1e-3: S = 200: 32.0 / 31.6 %; 300: 42.6 /
-    38.3 %; 400: 53.9 / 56.6 %. lr 2e-3: S = 250: 42.6 / 44.5 %; 400: 61.3 %; 600: 93.0 %
-    (seed 0). lr 3e-3: S = 250: 37.5 / 40.6 %.
-  - Smaller models, on one H200 (the same flags with --n_layer/--n_embd and the pretraining's
-    --max_iters changed; CUDA draws differ from the CPU's): 2 x 64 pretrained 2,000 steps (0 %
-    before SFT), lr 1e-3: S = 300: 12.5 / 14.1 %, 600: 49.2 / 49.6 %, 1,000: 91.8 / 85.9 %;
-    lr 2e-3: 32.4 / 29.3 %, 78.9 / 89.1 %, 98.4 / 97.3 %. 2 x 64 pretrained 4,000 steps (60.2 %
-    before SFT) and 3 x 64 pretrained 3,000 (51.6 %): >= 92 % after 300 steps, >= 97 % after
-    600. 3 x 96 pretrained 2,000 (5.1 %), lr 1e-3: 29.7 / 34.8 % at S = 300, 71.5 % at 600.
-  - Smaller finite sets, to let the data cap the accuracy (CPU, seed 0, final exact match at S = 200
-    / 400 / 800). The same pretrained 3 x 96, lr 1e-3: N = 100: 18.8 / 32.4 / 37.9 %; N = 250: 28.9
-    / 48.8 / 77.7 %; N = 500: 32.0 / 48.4 / 88.7 %. A higher lr is slower (N = 100, S = 200 / 400:
-    lr 2e-3 23.4 / 32.4 %, lr 3e-3 18.0 / 41.8 %), and N = 50 at 3e-3 stays near 5 %. A 3 x 64 MDM
-    pretrained 3,000 steps (an SFT step costs about half as much), lr 1e-3: N = 100: 28.9 / 43.8 /
-    57.0 % (seed 1: 48.4 % at 400, 65.6 % at 800; 48.8 % at S = 600); N = 250: 39.8 / 67.2 / 86.7 %;
-    N = 2,000: 43.8 / 71.9 % at S = 200 / 400.
-  So every shape tried reaches 86-100 % at one of the settings tried, after >= 600 steps from a weak
-  start or within 300 from a strong one (where Standard is then saturated), and a set of 100
-  examples slows the climb without capping it: only 3 x 96 on N = 100 is nearly flat (+5.5 points
-  from 400 to 800 steps, one seed), with 2-4x the study's steps. No plateau inside 30-80 % was found
-  within reach. 14 arms x 10 seeds x 400-800 steps do not fit the 60-minute budget on 2 cores; the
-  study runs S = 200 at lr 1e-3, mid-curve, where the arms still differ. A plateau inside 30-80 %
-  needs a task that these models learn only in part however long they train.
+Calibration (what was tried, and why the study runs 200 steps at lr 1e-3): docs/sft.md,
+"Calibration".
 """
 import json
 import os
@@ -75,17 +37,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import figures
-import study
-import variance
 from checkpoint import load_checkpoint
 from configurator import report_errors
 from data import task_from_checkpoint
 from finetune import training_set
-from masking import mask_spec_from_config
+from masking import clean_rows, mask_spec_from_config
 from sample import accuracy
+from lab import plots, study
+from lab.stats import fmt_diff
+from lab.variance_table import bootstrap_x0
 from samplers import build_ppots, make_sampler, sampler_from_state
-from stats import fmt_diff
+from variance import measure
 
 MDM, ARM = "--init_from={out}/pretrain/mdm/ckpt.pt", "--init_from={out}/pretrain/arm/ckpt.pt"
 METHODS = {
@@ -156,7 +118,7 @@ def prepare(cfg, jobs):
         print(f"pretraining the {kind.upper()}: python train.py {' '.join(flags)}")
         log = open(os.path.join(out_dir, "stdout.txt"), "w")
         procs[kind] = (subprocess.Popen([sys.executable, "train.py", f"--out_dir={out_dir}",
-                                         *flags], cwd=study.HERE, env=env, stdout=log,
+                                         *flags], cwd=study.ROOT, env=env, stdout=log,
                                         stderr=subprocess.STDOUT), flags, done, time.time())
         if cfg["jobs"] < 2:
             procs[kind][0].wait()
@@ -190,6 +152,7 @@ def step0_accuracy(cfg, jobs):
 
 
 STEP0 = dict(n_x0=32, n_t=8, n_masks=2, n_proj=4)  # the step-0 variance draws per arm
+STEP0_SEED = 0  # their generator: the same x0s, rates and masks for every arm
 
 
 def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
@@ -201,8 +164,8 @@ def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
     for arm in tqdm(cfg["methods"], desc="step-0 variance"):
         job = next(j for j in jobs if j["method"] == arm and j["seed"] == 0)
         conf = job["conf"]
-        model, task = pretrained(cfg, conf)
-        spec = mask_spec_from_config(conf, task)
+        model, dataset = pretrained(cfg, conf)
+        spec = mask_spec_from_config(conf, dataset)
         # a finished run that fitted once saved the fit it trained with; otherwise fit as it does
         reuse = job["record"]["status"] == "ok" and not conf["ppots_refit_every"]
         if conf["model_type"] == "arm":
@@ -211,14 +174,16 @@ def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
             ckpt = load_checkpoint(os.path.join(study.run_dir(cfg, arm, 0), "ckpt.pt"))[1]
             sampler = sampler_from_state(ckpt["sampler"])
         elif conf["t_sampler"] == "ppots":
-            sampler = build_ppots(model, task, spec, generator=torch.Generator().manual_seed(0),
+            sampler = build_ppots(model, dataset, spec,
+                                  generator=torch.Generator().manual_seed(STEP0_SEED),
                                   fit=conf["ppots_fit"], support=conf["ppots_support"])
         else:
             sampler = make_sampler(conf["t_sampler"])
-        res = variance.measure(model, task, sampler, spec, n_x0, n_t, n_masks, target="grad",
-                               generator=torch.Generator().manual_seed(0), n_proj=n_proj,
-                               keep_draws=True)
-        draws[arm], rows[arm] = res["draws"], study.clean_rows(conf)
+        res = measure(model, dataset, sampler, spec, n_x0, n_t, n_masks, target="grad",
+                      generator=torch.Generator().manual_seed(STEP0_SEED), n_proj=n_proj,
+                      keep_draws=True)
+        draws[arm], rows[arm] = res["draws"], clean_rows(conf["batch_size"], conf["masking"],
+                                                     conf["matched_compute"])
     return draws, rows
 
 
@@ -237,7 +202,7 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
             if base:
                 out[arm, "ratio"] = out[arm, "batch"] / base
         return out
-    ci = variance.bootstrap_x0(stat, draws, n_boot)
+    ci = bootstrap_x0(stat, draws, n_boot)
     diffs = {c["method"]: c for c in summary["comparisons"] if c["ref"] == "Standard"}
     cell = lambda c: f"{c['est']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}]"
     table = ["| arm | clean rows | grad A | grad B | grad C | per-draw total | batch-mean "
@@ -294,7 +259,7 @@ def report(cfg, summary, jobs):
             acc = np.array([[a for _, a in start + r["curve"]] for r in recs])
             curves[arm] = dict(iters=its, rows=[it * per_step for it in its],
                                mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
-    figures.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))
+    plots.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))
 
 
 SFT = study.Study(

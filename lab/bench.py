@@ -1,9 +1,10 @@
 """What each method costs per training step, against a bare step of the same model on the
 same batch (the floor).
 
-    python bench.py                               # train.py's default model and batch, best device
-    python bench.py --device=cpu --repeats=50
-    python bench.py --task=text --data_path=data/tinyshakespeare.txt --block_size=64 --batch_size=32
+    python -m lab.bench                        # train.py's default model and batch, best device
+    python -m lab.bench --device=cpu --repeats=50
+    python -m lab.bench --task=text --data_path=data/tinyshakespeare.txt --block_size=64 \
+                        --batch_size=32
 
 Every figure is a median of timed calls after untimed warm-up calls (CUDA synchronised), printed as
 ms per call, tokens/s where tokens are processed, and its ratio to one floor step. The training
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 import variance
 from configurator import check_ranges, configure_globals, report_errors
 from data import task_from_config
-from masking import MaskSpec, row_losses
-from model import ModelConfig, Transformer, device_and_dtype
+from masking import MaskSpec, clean_rows, row_losses
+from model import ModelConfig, Transformer, check_shape, device_and_dtype
 from sample import generate
-from samplers import PPOTSSampler, make_sampler, measure_curve
+from samplers import PPOTS, make_sampler, measure_curve
 
 report_errors()  # bad input: one `error:` line (configurator.py)
 # the run being priced: train.py's defaults
@@ -56,8 +57,7 @@ check_ranges(config, {"warmup": (1, None), "repeats": (3, None), "batch_size": (
                       "gen_rows": (1, None), "max_iters": (1, None), "variance_interval": (1, None),
                       "n_layer": (1, None), "n_head": (1, None), "n_embd": (1, None),
                       "num_digits": (1, None)})
-if n_embd % n_head:
-    raise ValueError(f"--n_head={n_head} does not divide --n_embd={n_embd}")
+check_shape(n_layer, n_head, n_embd)
 device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
 torch.manual_seed(seed)
 gen = torch.Generator().manual_seed(seed)
@@ -117,8 +117,8 @@ def floor_step():
 
 def train_step(masking, sampler):
     """train.py's step (one process, one micro-batch); mirror/pair use batch_size / 2 clean rows
-    (matched rows)."""
-    rows = batch_size // 2 if masking in ("mirror", "pair") else batch_size
+    (matched compute)."""
+    rows = clean_rows(batch_size, masking, matched_compute=True)
 
     def step():
         x0, eligible = (z[:rows].to(device) for z in dataset.batch(batch_size, "train", gen))
@@ -146,11 +146,11 @@ def main():
           f"after {warmup} warm-up")
     # build_ppots's
     curve = measure_curve(model, dataset, generator=torch.Generator().manual_seed(seed))
-    ppots = PPOTSSampler(curve["t"], curve["m"].sqrt())
+    ppots = PPOTS(curve["t"], curve["m"].sqrt())
     measure_seconds, fit_seconds = timed({  # the one-offs: median of 3 after 1
         "measure": lambda: measure_curve(model, dataset,
                                          generator=torch.Generator().manual_seed(seed)),
-        "fit": lambda: PPOTSSampler(curve["t"], curve["m"].sqrt())}, n=3, warm=1).values()
+        "fit": lambda: PPOTS(curve["t"], curve["m"].sqrt())}, n=3, warm=1).values()
     floor, standard, mirror, pair, ppots_step = timed({
         "floor": floor_step, "standard": train_step("standard", uniform),
         "mirror": train_step("mirror", uniform), "pair": train_step("pair", uniform),

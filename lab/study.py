@@ -33,8 +33,6 @@ those CIs as holds / not detectable / contradicted; "the best baseline run stays
 run" is a plain min/max. Output: <out>/table.md, table.png and summary.json (the table's numbers,
 machine-readable), then whatever the study's report writes.
 """
-import ast
-import functools
 import hashlib
 import json
 import math
@@ -50,11 +48,13 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-import figures
+import train_config
 from configurator import configure
-from stats import fmt_diff, paired_difference, std_ratio, verdict
+from lab import plots
+from lab.stats import fmt_diff, paired_difference, std_ratio, verdict
+from masking import clean_rows
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py's folder
 FINITE = ("loss", "grad_norm", "val_nats", "val_bits", "acc")  # log.jsonl values a result needs
 NOTES = ("Loss A, B, C: at the last step, means over seeds (ARM: A = B = 0). Clipped steps: the "
          "fraction of steps whose gradient norm exceeded grad_clip before clipping, mean over "
@@ -111,25 +111,12 @@ def parse(study, argv):
     return cfg
 
 
-@functools.cache
-def train_defaults():
-    """train.py's config globals: its literal assignments before configure_globals."""
-    defaults = {}
-    for node in ast.parse(open(os.path.join(HERE, "train.py")).read()).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if "configure_globals" in ast.unparse(node.value):
-                return defaults
-            try:
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass  # not a literal, so not a config value
-    return defaults
-
-
-def train_config(flags):
-    """train.py's config under these flags, checked as train.py checks them (names, types)."""
-    return configure(dict(train_defaults()),
-                     [f if f.startswith("--") else os.path.join(HERE, f) for f in flags])
+def run_config(flags):
+    """train.py's config under these flags (train_config.parse: names, types), with every range
+    and combination check train.py makes before it starts (train_config.check)."""
+    conf = train_config.parse([f if f.startswith("--") else os.path.join(ROOT, f) for f in flags])
+    train_config.check(conf)
+    return conf
 
 
 def train_flags(study, cfg, method, seed):
@@ -145,7 +132,7 @@ def train_flags(study, cfg, method, seed):
         raise ValueError(f"cannot split --task_args/--train_args into flags: {e}") from None
     if method in study.batch_multiple:
         k = study.batch_multiple[method]
-        flags.append(f"--batch_size={k * train_config(flags)['batch_size']}")
+        flags.append(f"--batch_size={k * run_config(flags)['batch_size']}")
     return flags
 
 
@@ -160,7 +147,7 @@ def plan(study, cfg):
         for seed in range(cfg["seeds"]):
             try:
                 flags = train_flags(study, cfg, method, seed)
-                conf = train_config(flags)
+                conf = run_config(flags)
             except ValueError as e:
                 raise ValueError(f"{method}: train.py flags: {e}") from None
             if conf["task"] == "text":
@@ -168,13 +155,6 @@ def plan(study, cfg):
             jobs.append(dict(method=method, seed=seed, flags=flags, sig=signature(flags),
                              conf=conf))
     return jobs
-
-
-def clean_rows(conf):
-    """x0 rows per step of a run with train.py config `conf`: batch_size, halved for mirror/pair
-    at matched compute (as train.py's `rows`)."""
-    paired = conf["masking"] in ("mirror", "pair")
-    return conf["batch_size"] // 2 if paired and conf["matched_compute"] else conf["batch_size"]
 
 
 def forward_rows(conf, curve_rows):
@@ -185,7 +165,8 @@ def forward_rows(conf, curve_rows):
     every = 0 if conf["ppots_online"] else conf["ppots_refit_every"]
     fits = len(range(conf["ppots_fit_iter"], conf["max_iters"], every or max(1, conf["max_iters"])))
     fits *= conf["t_sampler"] == "ppots"
-    return conf["max_iters"] * clean_rows(conf) * views, fits * curve_rows * views
+    rows = clean_rows(conf["batch_size"], conf["masking"], conf["matched_compute"])
+    return conf["max_iters"] * rows * views, fits * curve_rows * views
 
 
 def load_runs(path):
@@ -259,7 +240,7 @@ def run(cfg, job, threads):
     start = time.time()
     with open(os.path.join(out_dir, "stdout.txt"), "w") as f:
         proc = subprocess.run([sys.executable, "train.py", f"--out_dir={out_dir}", *job["flags"]],
-                              cwd=HERE, env=env, stdout=f, stderr=subprocess.STDOUT)
+                              cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     rec = dict(method=job["method"], seed=job["seed"], sig=job["sig"], flags=job["flags"],
                threads=threads, seconds=time.time() - start)
     try:
@@ -405,7 +386,7 @@ def main(study, argv):
     with open(os.path.join(cfg["out"], "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_table(study, summary, os.path.join(cfg["out"], "table.md"))
-    figures.plot_results(summary, os.path.join(cfg["out"], "table.png"))
+    plots.plot_results(summary, os.path.join(cfg["out"], "table.png"))
     if study.report:
         study.report(cfg, summary, jobs)
     print(open(os.path.join(cfg["out"], "table.md")).read())
