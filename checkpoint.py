@@ -171,7 +171,8 @@ def save_checkpoint(path, state, model):
 
 def lock_out_dir(out_dir):
     """Create out_dir if needed and hold its lock for the life of the process (returns the open lock
-    file, to be kept referenced). ValueError if out_dir cannot be used or a live run holds it."""
+    file, to be kept referenced); then remove the *.tmp files of an earlier run's killed write.
+    ValueError if out_dir cannot be used or a live run holds it."""
     if not out_dir:
         raise ValueError("--out_dir is empty; name a directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -190,6 +191,9 @@ def lock_out_dir(out_dir):
         lock.close()
         raise ValueError(f"another run is using --out_dir={out_dir} (it holds {lock.name}); "
                          f"wait for it or choose another out_dir") from None
+    for name in os.listdir(out_dir):  # left by a write that was killed: no live run holds them
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
     return lock
 
 

@@ -15,12 +15,17 @@ import os
 import sys
 from ast import literal_eval
 
+from tqdm import tqdm
+
 
 def report_errors():
-    """Install the script's error hook: an uncaught ValueError prints `error: <message>` (under
-    torchrun on rank 0 only) and the process exits with status 1; other exceptions are untouched."""
+    """Install the script's error hook: an uncaught ValueError closes any open progress bar, so
+    that the message is a line of its own, prints `error: <message>` (under torchrun on rank 0
+    only) and the process exits with status 1; other exceptions are untouched."""
     def hook(kind, exc, tb):
         if issubclass(kind, ValueError):
+            for bar in list(getattr(tqdm, "_instances", ())):
+                bar.close()
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {exc}", file=sys.stderr)
             return

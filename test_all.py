@@ -63,6 +63,7 @@ import torch.nn.functional as F
 import finetune
 import sample
 import variance
+import checkpoint
 from checkpoint import load_checkpoint
 from control_variate import LossControlVariate
 from data import AddTask, SortTask, _in_val, get_task
@@ -358,6 +359,7 @@ BAD_TRAIN = [  # (flags, words the error line must contain); TINY flags and --ou
     (["--batch_size=32", "--gradient_accumulation_steps=3"], "do not split"),
     (["--device=cuda:0"] if not torch.cuda.is_available() else ["--device=cuda:99"], "GPU"),
     (["--device=tpu"], "device"), (["--dtype=float8"], "dtype"), (["--init_from=bogus"], "'bogus' is none of them"),
+    (["--learning_rate=1e999"], "learning_rate=inf is not a finite number"), (["--seed=-5"], "--seed=-5"),
     (["--model_type=arm", "--masking=mirror"], "ARM"), (["--ppots_online=True"], "ppots_online"),
     (["--syrm_alpha=1.5"], "syrm_alpha"), (["--isad_tokens=bogus"], "isad_tokens"),
     (["--isad_tokens=first", "--isad_delta=0"], "isad_delta"), (["--cv_bins=2", "--cv_eta=0"], "cv_eta"),
@@ -426,6 +428,18 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(fini
                    "--learning_rate=1e9", "--min_lr=0")
     assert (out / "ckpt.pt").read_bytes() == before[Path("ckpt.pt")]
     assert not list(out.glob("*.tmp"))
+    shutil.copytree(finished_run, tmp_path / "again")  # as a script: the progress bar is closed first
+    proc = run("train.py", f"--out_dir={tmp_path / 'again'}", "--init_from=resume", "--max_iters=40",
+               "--eval_interval=2", "--learning_rate=1e9", "--min_lr=0", check=False)
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("error: iteration 1"), proc.stderr[-500:]
+
+
+def test_a_stale_tmp_file_of_a_killed_write_is_removed_when_the_next_run_takes_the_out_dir(tmp_path):
+    (tmp_path / "ckpt.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "ckpt.pt").write_bytes(b"kept")
+    lock = checkpoint.lock_out_dir(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "train.lock"]
+    lock.close()
 
 
 @pytest.mark.e2e

@@ -7,6 +7,7 @@ interface that train.py and the lab's studies share:
 
 Nothing here touches the disk but reading config files.
 """
+import math
 import sys
 
 from configurator import check_ranges, configure
@@ -100,7 +101,7 @@ compile = False
 OPTIONS = [k for k in vars() if k not in _BEFORE and k != "_BEFORE"]
 # -----------------------------------------------------------------------------
 RANGES = {
-    "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_iters": (0, None),
+    "seed": (0, None), "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_iters": (0, None),
     "eval_interval": (1, None), "eval_iters": (1, None), "eval_problems": (1, None),
     "eval_problems_mid": (0, None), "log_interval": (1, None), "num_digits": (1, None),
     "n_layer": (1, None), "n_head": (1, None), "n_embd": (1, None), "dropout": (0.0, 0.99),
@@ -131,6 +132,9 @@ def check(config, world_size=1):
     """ValueError naming the first option out of range, unknown, or in a combination that cannot
     run; else the clean rows per step (masking.clean_rows), which split into world_size x
     gradient_accumulation_steps micro-batches."""
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key}={value!r} is not a finite number")
     check_ranges(config, RANGES)
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
