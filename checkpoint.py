@@ -10,6 +10,7 @@ resume, fine-tune), save and restore; the log and its window.
   train.lock  held (flock) by the live run: a second run in the same out_dir stops with one line.
 Nothing in out_dir is created, truncated or written before the whole configuration is validated.
 """
+import io
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+import train_config
 from configurator import given_keys
 from model import ModelConfig, Transformer, check_device
 
@@ -32,9 +34,12 @@ NOT_RESUMED = ("out_dir", "init_from", "device", "dtype", "compile")
 RENAMED = {"ema_bins": "cv_bins", "ema_eta": "cv_eta", "ema_decay": "weight_ema_decay"}
 
 
-def load_checkpoint(path, device="cpu", raw=False):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint; ValueError naming the cause
-    (missing, unreadable or not a train.py checkpoint, or a device this machine lacks).
+def load_checkpoint(path, device="cpu", raw=False, resume=False):
+    """(model in eval mode, checkpoint dict) from a train.py checkpoint, checked once, here, before
+    the caller uses any of it (check_checkpoint): a ValueError names the file and what is wrong
+    (missing, unreadable, not a train.py checkpoint, a config train.py's checks refuse, a shape
+    that does not build, non-finite weights; resume=True: also the optimizer, sampler and random
+    streams a resume restores), or a device this machine lacks.
     A checkpoint trained with weight_ema_decay > 0 gives its EMA weights (ckpt['ema']): that is the
     model train.py evaluates, so sample.py and variance.py see it too. raw=True gives the trained
     weights (resume). Config keys of older checkpoints are renamed (RENAMED)."""
@@ -47,19 +52,62 @@ def load_checkpoint(path, device="cpu", raw=False):
     except Exception as e:  # truncated file, not a torch file, a pickle that is not plain data
         raise ValueError(f"checkpoint {path} is corrupt or not a train.py checkpoint "
                          f"({type(e).__name__})") from None
-    missing = [k for k in ("model_args", "model", "config")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {path} is not a train.py checkpoint: it has no "
-                         f"{', '.join(missing)}")
-    ckpt["config"] = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
     try:
-        model = Transformer(ModelConfig(**ckpt["model_args"]))
+        model = check_checkpoint(ckpt, resume)
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt and not raw else ckpt["model"])
-    except (TypeError, RuntimeError) as e:
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path} {e}") from None
+    except (TypeError, RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint {path} does not match this model code "
                          f"({type(e).__name__})") from None
     return model.to(device).eval(), ckpt
+
+
+def check_checkpoint(ckpt, resume=False):
+    """The Transformer a checkpoint dict describes (weights not loaded), after checking it: the
+    keys train.py writes and their types, a config that train_config.check accepts and that holds
+    every IMMUTABLE key, finite weights, and for a resume the optimizer, sampler, random streams
+    and iteration. Renames older config keys in place. ValueError('is/has ...') otherwise."""
+    if not isinstance(ckpt, dict):
+        raise ValueError("is not a train.py checkpoint (not a dict)")
+    need = {"model_args": dict, "model": dict, "config": dict}
+    if resume:
+        need.update(optimizer=dict, sampler=dict, rng=dict, iter_num=int)
+    for key, kind in need.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt[key], bool):
+            raise ValueError(f"is not a train.py checkpoint: its {key!r} is "
+                             f"{'missing' if key not in ckpt else type(ckpt[key]).__name__}")
+    ckpt["config"] = config = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+    missing = [k for k in IMMUTABLE if k not in config]
+    if missing:
+        raise ValueError(f"has a config without {', '.join(missing)}")
+    try:
+        train_config.check({**train_config.defaults(), **config})
+    except ValueError as e:
+        raise ValueError(f"has a config that train.py refuses: {e}") from None
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_args"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"has a model shape that does not build ({e})") from None
+    for name in ("model", "ema"):
+        weights = ckpt.get(name, {})
+        if not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise ValueError(f"has {name} weights that are not tensors")
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise ValueError(f"has non-finite {name} weights ({bad[0]})")
+    if resume:
+        if ckpt["iter_num"] < 0:
+            raise ValueError(f"has iteration {ckpt['iter_num']}")
+        wants = dict(rng=("torch", "data", "python", "numpy"), optimizer=("state", "param_groups"),
+                     sampler=("name",))
+        wants.update((k, ()) for k, on in (("ema", config["weight_ema_decay"]),
+                                           ("loss_cv", config["cv_bins"]),
+                                           ("train_set", config["train_size"])) if on)
+        for key, parts in wants.items():
+            if not isinstance(ckpt.get(key), dict) or any(p not in ckpt[key] for p in parts):
+                raise ValueError(f"cannot resume: its {key!r} is missing or incomplete")
+    return model
 
 
 def resumed_config(config, ckpt, given):
@@ -97,7 +145,8 @@ def start_config(config, argv):
     pretrained = (its evaluated model, its dict). argv: the command line, to tell given flags."""
     init_from = config["init_from"]
     if init_from == "resume":
-        model, ckpt = load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), raw=True)
+        model, ckpt = load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), raw=True,
+                                      resume=True)
         config = resumed_config(config, ckpt, given_keys(argv))
         if config["max_iters"] <= ckpt["iter_num"]:
             raise ValueError(f"the checkpoint is at iteration {ckpt['iter_num']}: --max_iters="
@@ -122,7 +171,7 @@ def save_run(path, model, optimizer, iter_num, config, sampler, data_gen, datase
              "optimizer": optimizer.state_dict(), "iter_num": iter_num, "config": config,
              "sampler": sampler.state_dict(), "rng": rng_state(data_gen)}
     if ema is not None:
-        state.update(ema=ema.module.state_dict(), ema_n=ema.n_averaged)
+        state.update(ema=ema.module.state_dict(), ema_n=torch.tensor(ema.n_averaged))
     if loss_cv is not None:
         state["loss_cv"] = loss_cv.state_dict()
     if hasattr(dataset, "chars"):  # text: the vocabulary, so sampling does not need the data file
@@ -141,7 +190,7 @@ def restore_run(ckpt, optimizer, config, data_gen, dataset, ema=None, loss_cv=No
                      weight_decay=config["weight_decay"] if group["weight_decay"] else 0.0)
     if ema is not None and "ema" in ckpt:
         ema.module.load_state_dict(ckpt["ema"])
-        ema.n_averaged.copy_(ckpt["ema_n"])
+        ema.n_averaged = int(ckpt["ema_n"])
     if loss_cv is not None and "loss_cv" in ckpt:
         loss_cv.load_state_dict(ckpt["loss_cv"])
     set_rng_state(ckpt["rng"], data_gen)
@@ -156,15 +205,19 @@ def save_checkpoint(path, state, model):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError(f"refusing to write non-finite weights over {path}")
     tmp = f"{path}.{os.getpid()}.tmp"
+    data = io.BytesIO()  # serialised first, so that a full disk is an OSError of the write below
+    torch.save(state, data)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, a read-only folder, Ctrl-C: no half-written file
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise ValueError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is "
                          f"unchanged") from None
 
@@ -258,7 +311,7 @@ class LogWindow:
 
     def add(self, t, w, loss, grad_norm, clipped, raw=0.0):
         """One step: its t and w (CPU), loss (the reported mean w l), the gradient norm before
-        clipping, whether it was clipped (a bool tensor, or False), and the plain loss."""
+        clipping, whether it was clipped (a bool tensor), and the plain loss; device tensors."""
         self.t.append(t)
         self.w.append(w)
         self.loss, self.norm = self.loss + loss.detach(), self.norm + grad_norm
@@ -273,6 +326,6 @@ class LogWindow:
                   "w_mean": torch.cat(self.w).mean().item(),
                   "t_hist": torch.histc(torch.cat(self.t), bins=10, min=0, max=1).int().tolist()}
         if self.with_raw:
-            record["loss_raw"] = self.raw / n
+            record["loss_raw"] = torch.as_tensor(self.raw).item() / n
         self.reset()
         return record

@@ -15,22 +15,47 @@ import os
 import sys
 from ast import literal_eval
 
+import torch
 from tqdm import tqdm
 
 
-def report_errors():
-    """Install the script's error hook: an uncaught ValueError closes any open progress bar, so
-    that the message is a line of its own, prints `error: <message>` (under torchrun on rank 0
-    only) and the process exits with status 1; other exceptions are untouched."""
+def report_errors(memory_hint="", interrupted=None):
+    """Install the script's error hook. Whatever ends the script, an open progress bar is closed
+    first, so that the message is a line of its own (under torchrun, printed on rank 0 only):
+      ValueError (bad input)   `error: <message>`, exit status 1;
+      out of memory            `error: out of memory (<type>)` + memory_hint (the flags to lower),
+                               exit status 1: a MemoryError, torch's OutOfMemoryError, or a
+                               RuntimeError from an allocator that could not allocate;
+      Ctrl-C                   interrupted() (default: `interrupted`), exit status 130.
+    Any other exception keeps its traceback: that is a bug, not bad input. Called again, it
+    replaces the hook (a script names what an interruption leaves once it knows)."""
     def hook(kind, exc, tb):
+        message, status = None, 1
         if issubclass(kind, ValueError):
-            for bar in list(getattr(tqdm, "_instances", ())):
-                bar.close()
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {exc}", file=sys.stderr)
+            message = f"error: {exc}"
+        elif _out_of_memory(exc):
+            message = f"error: out of memory ({kind.__name__}){memory_hint and ': ' + memory_hint}"
+        elif issubclass(kind, KeyboardInterrupt):
+            message, status = interrupted() if interrupted else "interrupted", 130
+        if message is None:
+            sys.__excepthook__(kind, exc, tb)
             return
-        sys.__excepthook__(kind, exc, tb)
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr)
+        if status != 1:  # an uncaught exception exits with 1; 130 is Ctrl-C's convention
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
     sys.excepthook = hook
+
+
+def _out_of_memory(exc):
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("can't allocate memory", "out of memory", "Out of memory"))
 
 
 def _typed(key, value, default):

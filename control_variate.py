@@ -30,8 +30,9 @@ class LossControlVariate:
     THE GRADIENT IS UNCHANGED. b and c carry no gradient, so d y_adj / d theta = d y / d theta
     exactly (tested bit for bit): this lowers the variance of the loss value that is logged, not of
     the update the optimiser takes, and cannot change training. The paper does not say so.
-    State: plain python values and float64 tensors, replaced (never changed in place) at every step,
-    so a state_dict is a snapshot and a weights_only checkpoint can hold it.
+    State: float64 tensors on the loss's device and a python step count, replaced (never changed in
+    place) at every step, so a state_dict is a snapshot and a weights_only checkpoint can hold it.
+    Nothing reads the device: the correction is a tensor, for train.py to read when it logs.
     """
     keys = ("bins", "eta", "baseline", "updates", "moments", "steps")
 
@@ -61,29 +62,33 @@ class LossControlVariate:
                            0.0)
 
     def coefficient(self):
-        """c = Cov(y, b~) / Var(b~) from the debiased EMA moments; 0 while Var(b~) is
-        (numerically) 0."""
+        """c = Cov(y, b~) / Var(b~) from the debiased EMA moments, a 0-d tensor; 0 while Var(b~)
+        is (numerically) 0."""
         if self.steps == 0:
-            return 0.0
-        my, mh, myh, mhh = (self.moments / (1 - (1 - self.eta) ** self.steps)).tolist()
+            return torch.zeros((), dtype=torch.float64, device=self.moments.device)
+        my, mh, myh, mhh = self.moments / (1 - (1 - self.eta) ** self.steps)
         var = mhh - mh * mh
-        return (myh - my * mh) / var if var > 1e-9 * mhh else 0.0
+        return torch.where(var > 1e-9 * mhh, (myh - my * mh) / var, 0.0)
 
     def correction(self, t, w, losses):
-        """c mean_i b~_i for this batch, a python float computed from the state before the batch;
-        then the batch updates the state. The caller reports (w * losses).mean() - correction."""
-        t, w, loss = (z.detach().double().cpu() for z in (t, w, losses))
+        """c mean_i b~_i for this batch, a 0-d float64 tensor on the losses' device computed from
+        the state before the batch; then the batch updates the state. The caller reports
+        (w * losses).mean() - correction."""
+        device = losses.device
+        for k in ("baseline", "updates", "moments"):
+            setattr(self, k, getattr(self, k).to(device))
+        t, w, loss = (z.detach().to(device, torch.float64) for z in (t, w, losses))
         j = (t * self.bins).long().clamp(0, self.bins - 1)
         b = self.baselines()
         y, h = w * loss, w * b[j] - b.mean()
-        out = self.coefficient() * h.mean().item()
+        out = self.coefficient() * h.mean()
         keep = 1 - self.eta
         batch_moments = torch.stack([y.mean(), h.mean(), (y * h).mean(), (h * h).mean()])
         self.moments = keep * self.moments + self.eta * batch_moments
         self.steps += 1
         count = torch.bincount(j, minlength=self.bins).double()
-        mean_l = torch.zeros(self.bins,
-                             dtype=torch.float64).index_add(0, j, loss) / count.clamp(min=1)
+        mean_l = torch.zeros(self.bins, dtype=torch.float64,
+                             device=device).index_add(0, j, loss) / count.clamp(min=1)
         seen = count > 0
         self.baseline = torch.where(seen, keep * self.baseline + self.eta * mean_l, self.baseline)
         self.updates = self.updates + seen

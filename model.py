@@ -1,13 +1,14 @@
 """A small transformer denoiser (nanoGPT layout) with bidirectional attention for the MDM,
 and causal attention for the autoregressive (ARM) baseline -- the same class, one flag."""
+import copy
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 
@@ -104,13 +105,42 @@ class Transformer(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices (>= 2-D) only, never on norms or biases."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
+        """Fused AdamW (one kernel per step; it can skip a non-finite step on the device, step.py);
+        weight decay on matrices (>= 2-D) only, never on norms or biases."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+
+
+def available_memory(device):
+    """Bytes `device` can still allocate: a GPU's free memory, MPS's recommended working set, else
+    the host's available memory (MemAvailable on Linux, the physical memory elsewhere)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if kind == "mps":
+        return torch.mps.recommended_max_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(parts, device):
+    """ValueError if the estimated bytes of `parts` ({what, with its flags: bytes}) exceed what
+    `device` can allocate (available_memory): the message gives each part, largest first, so the
+    flag to lower is named before anything is allocated."""
+    need, have = sum(parts.values()), available_memory(device)
+    if need > have:
+        gb = lambda b: f"{b / 2 ** 30:,.1f} GB"
+        detail = ", ".join(f"{what} {gb(b)}" for what, b in
+                           sorted(parts.items(), key=lambda kv: -kv[1]) if b >= 0.01 * need)
+        raise ValueError(f"this needs about {gb(need)} ({detail}), more than the {gb(have)} "
+                         f"that {device} has available: lower the first flag named")
 
 
 def check_device(device):
@@ -155,14 +185,28 @@ def device_and_dtype(device="", dtype=""):
         nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
 
 
-def weight_ema(model, decay):
+class WeightEMA:
     """Weight EMA (train.py's weight_ema_decay): theta_ema <- decay theta_ema + (1 - decay) theta
-    after every optimiser step, starting from a copy of the weights at the first update; torch's
-    AveragedModel with get_ema_multi_avg_fn, so `.module` is the averaged Transformer and
-    `.update_parameters(model)` the step. Averaging the last ~1/(1 - decay) iterates smooths the
-    evaluated model, the standard tool against run-to-run variability of what is evaluated
-    (MDLM: 0.9999, for ~1M steps; runs of ~1000 iters want ~0.99).
-    decay = 0 tracks the weights exactly."""
-    if not 0 <= decay < 1:
-        raise ValueError(f"weight_ema_decay must be in [0, 1) (0 = off), got {decay}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    after every optimiser step, starting from a copy of the weights at the first update. `.module`
+    is the averaged Transformer (buffers copied from the model), `.update_parameters(model)` the
+    step, `.n_averaged` the number of updates so far (a python int: the update never reads the
+    device). Averaging the last ~1/(1 - decay) iterates smooths the evaluated model, the standard
+    tool against run-to-run variability of what is evaluated (MDLM: 0.9999, for ~1M steps; runs of
+    ~1000 iters want ~0.99). decay = 0 tracks the weights exactly."""
+
+    def __init__(self, model, decay):
+        if not 0 <= decay < 1:
+            raise ValueError(f"weight_ema_decay must be in [0, 1) (0 = off), got {decay}")
+        self.module, self.decay, self.n_averaged = copy.deepcopy(model), decay, 0
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        ema, new = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(ema, new)
+        else:
+            torch._foreach_lerp_(ema, new, 1.0 - self.decay)
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.n_averaged += 1

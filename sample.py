@@ -30,6 +30,7 @@ from configurator import configure, report_errors
 from data import task_from_checkpoint
 from masking import MaskSpec, row_losses, uniform_like
 from checkpoint import load_checkpoint
+from model import check_memory
 
 # the default for text samples (nanoGPT's); synthetic tasks default to greedy
 TEXT_TEMPERATURE = 0.8
@@ -141,19 +142,16 @@ def val_elbo(model, dataset, rows, n_batches, device, ctx):
 
 @torch.no_grad()
 def text_sample(model, dataset, prompt="", length=256, **gen):
-    """Up to `length` characters after `prompt` (an empty prompt starts from a newline, the text's
-    usual boundary, so that an ARM has a first token to condition on), as one string. `gen` goes to
-    generate(); its temperature defaults to 0 (greedy), which for text with low-confidence
-    remasking tends to give repetitive text: pass temperature=0.8 (and a generator) for samples
-    like sample.py's."""
-    ids = dataset.encode(prompt or "\n")[None].to(next(model.parameters()).device)
-    length = min(length, dataset.block_size - ids.shape[1])
-    if length <= 0:
-        raise ValueError(f"prompt is {ids.shape[1]} chars; it must be shorter than "
-                         f"block_size={dataset.block_size}")
+    """Up to `length` characters after `prompt` (dataset.prompt_ids: no prompt starts from a
+    newline where the corpus has one, so that an ARM has a first token to condition on), as one
+    string. `gen` goes to generate(); its temperature defaults to 0 (greedy), which for text with
+    low-confidence remasking tends to give repetitive text: pass temperature=0.8 (and a generator)
+    for samples like sample.py's."""
+    ids, _ = dataset.prompt_ids(prompt, model.config.causal)
+    length = min(length, dataset.block_size - len(ids))
     was_training = model.training
     model.eval()
-    x = generate(model, ids, length, **gen)
+    x = generate(model, ids[None].to(next(model.parameters()).device), length, **gen)
     model.train(was_training)
     return dataset.decode(x[0].cpu())
 
@@ -185,6 +183,9 @@ def main(argv):
     model, ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
     dataset = task_from_checkpoint(ckpt)
     synthetic = hasattr(dataset, "prompts")
+    n = cfg["num_samples"] if synthetic and not cfg["prompt"] else 1  # rows generated at once
+    check_memory({"the samples [--num_samples]": 4 * 3 * n * dataset.seq_len * dataset.vocab_size},
+                 cfg["device"])
     temperature = cfg["temperature"]
     if temperature is None:
         temperature = 0.0 if synthetic else TEXT_TEMPERATURE
@@ -208,10 +209,13 @@ def main(argv):
                            cfg["block_length"] or None)
             print(f"held-out exact match: {acc:.3f} on {ckpt['config']['eval_problems']} problems")
         return
+    note = dataset.prompt_ids(cfg["prompt"], model.config.causal)[1]
+    if note:
+        print(f"note: {note}")
     for _ in range(cfg["num_samples"]):
         print(text_sample(model, dataset, cfg["prompt"], cfg["length"], **gen) + "\n" + "-" * 40)
 
 
 if __name__ == "__main__":
-    report_errors()
+    report_errors(memory_hint="lower --num_samples")
     main(sys.argv[1:])

@@ -167,34 +167,44 @@ def log_normalise(log_p, t):
     return log_p - top - torch.trapezoid((log_p - top).exp(), t).log()
 
 
-def fit_epr(t_grid, sqrt_m, n_starts=20, seed=0, max_iter=100):
-    """The EPR parameters (dict of floats) minimising KL(√m || p) on the grid, both normalised, by
-    the trapezoid rule (inf where p overflows): L-BFGS from n_starts random starts (fixed seed)."""
-    t, target = (torch.as_tensor(z, dtype=torch.float64) for z in (t_grid, sqrt_m))
-    target = target / torch.trapezoid(target, t)
+def epr_theta(params):
+    """epr_params's inverse: the theta[7] (float64) whose EPR parameters are params."""
+    x = torch.tensor([params[k] - (k == "n") for k in EPR_NAMES], dtype=torch.float64)
+    return x + (-torch.expm1(-x)).log()  # softplus^-1(x) = log(e^x - 1)
 
-    def kl(theta):  # KL(target || p_theta) by the trapezoid rule; inf where p_theta overflows
-        log_p = log_normalise(epr_log_density(t, **epr_params(theta)), t)
-        return torch.trapezoid(torch.xlogy(target, target) - target * log_p, t).nan_to_num(math.inf)
-    starts = torch.randn(n_starts, 7, generator=torch.Generator().manual_seed(seed),
-                         dtype=torch.float64)
-    best, best_kl = None, math.inf
+
+def fit_epr(t_grid, sqrt_m, n_starts=8, seed=0, init=None, agree=1e-5, history_size=10,
+            max_iter=100):
+    """The EPR parameters (dict of floats) minimising KL(√m || p) on the grid, both normalised by
+    the trapezoid rule (inf where p overflows), by L-BFGS (history_size) from init (the warm start:
+    a previous fit's params) if given, then up to n_starts N(0, 1) draws (seed), until the best fit
+    and another agree, KL(p_best || p) < agree (None: all run). Deterministic."""
+    t, target = (torch.as_tensor(z, dtype=torch.float64) for z in (t_grid, sqrt_m))
+    log_p = lambda th: log_normalise(epr_log_density(t, **epr_params(th)), t)
+    kl = lambda q, th: torch.trapezoid(torch.xlogy(q, q) - q * log_p(th), t).nan_to_num(math.inf)
+    target, fits = target / torch.trapezoid(target, t), []  # fits: (KL, theta), lowest KL first
+    starts = ([] if init is None else [epr_theta(init)]) + list(torch.randn(
+        n_starts, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of T - 1 numbers: more threads only wait on each other
     for theta in starts:
         theta = theta.clone().requires_grad_()
-        lbfgs = torch.optim.LBFGS([theta], max_iter=max_iter, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS([theta], max_iter=max_iter, history_size=history_size,
+                                  line_search_fn="strong_wolfe")
 
         def kl_step():  # L-BFGS's closure: the KL at theta, its gradient in theta.grad
             lbfgs.zero_grad()
-            loss = kl(theta)
-            loss.backward()
+            (loss := kl(target, theta)).backward()
             return loss
         lbfgs.step(kl_step)
-        value = kl(theta.detach()).item()
-        if value < best_kl:
-            best, best_kl = theta.detach(), value
-    if best is None:
+        value, theta = kl(target, theta.detach()).item(), theta.detach()
+        fits = sorted(fits + [(value, theta)] * math.isfinite(value), key=lambda f: f[0])
+        if agree is not None and any(kl(log_p(fits[0][1]).exp(), th) < agree for _, th in fits[1:]):
+            break
+    torch.set_num_threads(threads)
+    if not fits:
         raise ValueError("the EPR fit diverged from every start; use fit='none' or more n_starts")
-    return {k: v.item() for k, v in epr_params(best).items()}
+    return {k: v.item() for k, v in epr_params(fits[0][1]).items()}
 
 
 def _float32_inside(lo, hi):
@@ -214,13 +224,14 @@ class PPOTS(Sampler):
       support    'full': t in [0, 1]. 'grid': [t_grid[0], t_grid[-1]]: BIASED, a truncation.
       mix        p = (1 - mix) p + mix / |support|: still unbiased, w <= |support| / mix.
       max_weight w = min(1/p, max_weight): BIASED.
+      init       a previous fit's params (on a refit): fit_epr's warm start, before n_starts.
     State: `keys` (params None for fit='none'); the table lo, hi, cdf, p is computed from them.
     Tensors are replaced, never changed in place, so a state_dict is a snapshot."""
     name = "ppots"
     keys = ("t_grid", "sqrt_m", "fit", "support", "n_starts", "seed", "max_weight", "mix", "params")
 
-    def __init__(self, t_grid, sqrt_m, fit="epr", n_starts=20, seed=0, max_weight=None, mix=0.0,
-                 support="full"):
+    def __init__(self, t_grid, sqrt_m, fit="epr", n_starts=8, seed=0, max_weight=None, mix=0.0,
+                 support="full", init=None):
         if fit not in ("epr", "none") or support not in ("full", "grid") or not 0 <= mix <= 1:
             raise ValueError(f"P-POTS needs fit 'epr'|'none', support 'full'|'grid', 0 <= mix <= 1;"
                              f" got {fit!r}, {support!r}, {mix}")
@@ -230,7 +241,7 @@ class PPOTS(Sampler):
             raise ValueError(f"P-POTS needs >= 2 grid points and one √m per point, got "
                              f"{len(self.t_grid)} points and {len(self.sqrt_m)} values")
         self.fit, self.support, self.n_starts, self.seed = fit, support, n_starts, seed
-        self.max_weight, self.mix = max_weight, mix
+        self.max_weight, self.mix, self.params = max_weight, mix, init
         self._refit()
 
     @classmethod
@@ -242,8 +253,8 @@ class PPOTS(Sampler):
         return sampler
 
     def _refit(self):
-        self.params = (fit_epr(self.t_grid, self.sqrt_m, self.n_starts, self.seed)
-                       if self.fit == "epr" else None)
+        self.params = (fit_epr(self.t_grid, self.sqrt_m, self.n_starts, self.seed, self.params)
+                       if self.fit == "epr" else None)  # warm-started from the last params
         self._tabulate()
 
     def _tabulate(self):
@@ -251,11 +262,9 @@ class PPOTS(Sampler):
         grid = (self.t_grid[0].item(), self.t_grid[-1].item())
         self.lo, self.hi = _float32_inside(*((0.0, 1.0) if self.support == "full" else grid))
         u = torch.linspace(self.lo, self.hi, CELLS + 1, dtype=torch.float64)
-        if self.fit == "epr":
-            params = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.params.items()}
-            curve = log_normalise(epr_log_density(u, **params), u).exp()
-        else:
-            curve = self.sqrt_m_at(u)
+        params = {k: torch.tensor(v, dtype=torch.float64) for k, v in (self.params or {}).items()}
+        curve = (log_normalise(epr_log_density(u, **params), u).exp() if self.fit == "epr"
+                 else self.sqrt_m_at(u))
         cdf = F.pad(torch.cumulative_trapezoid(curve, u), (1, 0))
         self.cdf = (1 - self.mix) * cdf / cdf[-1] + self.mix * torch.linspace(0, 1, CELLS + 1,
                                                                              dtype=torch.float64)

@@ -48,9 +48,11 @@ import random
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +63,8 @@ import torch
 import torch.nn.functional as F
 
 import finetune
+import step as step_module
+import train_config
 import sample
 import variance
 import checkpoint
@@ -70,10 +74,10 @@ from data import AddTask, SortTask, _in_val, get_task
 from figures import plot_ppots, plot_variance
 from masking import (EPS, MaskSpec, SupplementarySpec, arm_loss, draw_masks, isad_rates, mask_rate, mask_spec_from_config,
                      mdm_loss, mirror_masks, pair_masks, random_mask, row_losses, syrm_loss)
-from model import ModelConfig, Transformer, weight_ema
+from model import ModelConfig, Transformer, WeightEMA
 from sample import generate, text_sample
 from samplers import (CELLS, PPOTS, OnlinePPOTS, build_ppots, curve_integrals, describe_fit,
-                      epr_log_density, extended_sqrt_m, log_normalise, make_sampler, measure_curve,
+                      epr_log_density, extended_sqrt_m, fit_epr, log_normalise, make_sampler, measure_curve,
                       restore_sampler, sampler_from_state, second_moments, tail_coefficients)
 from text import TextTask
 from variance import decompose, draw_rates, format_line, measure, naive_decompose
@@ -86,12 +90,14 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=32", "--num_di
         "--eval_problems=32", "--eval_iters=1", "--variance_interval=0", "--warmup_iters=5"]
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, threads=None):
     """Run one of the repo's scripts as a user would, from the repository root: a file as
-    `python train.py args`, a module as `python -m lab.bench args`; return the CompletedProcess."""
+    `python train.py args`, a module as `python -m lab.bench args`; return the CompletedProcess.
+    threads: its torch threads (OMP_NUM_THREADS), else the default."""
     command = [os.path.join(HERE, script)] if script.endswith(".py") else ["-m", script]
+    env = dict(os.environ, **({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
     proc = subprocess.run([sys.executable, *command, *args], capture_output=True,
-                          text=True, cwd=HERE, timeout=300)
+                          text=True, cwd=HERE, timeout=300, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -281,11 +287,13 @@ def test_text_training_reports_nats_and_samples_and_rejects_unknown_prompt_chars
 
 
 # ----------------------------------------------------------------------------- bad input
-def _one_error_line(proc, *words):
-    assert proc.returncode != 0
+def _one_error_line(proc, *words, during_training=False):
+    """Exit status 1, no traceback, and one `error:` line naming `words`: all of stderr, or for an
+    error during training its last line, after the closed progress bar."""
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
-    assert all(w in lines[0] for w in words), lines[0]
+    assert (during_training or len(lines) == 1) and lines[-1].startswith("error:"), proc.stderr[-2000:]
+    assert all(w in lines[-1] for w in words), lines[-1]
 
 
 @pytest.mark.e2e
@@ -403,17 +411,36 @@ def test_bad_out_dirs_and_config_files_are_one_clear_error(tmp_path):
     _one_error_line(run("train.py", str(broken), check=False), "broken.py", "line 1")
 
 
+BAD_CKPT = [  # (how a checkpoint is broken, the words its error names, only resume reads it)
+    (lambda c: c.pop("config"), "its 'config' is missing", False),
+    (lambda c: c.update(config="abc"), "its 'config' is str", False),
+    (lambda c: c.update(config={}), "a config without model_type", False),
+    (lambda c: c["config"].update(batch_size=0), "config that train.py refuses: --batch_size=0", False),
+    (lambda c: c["model_args"].update(n_head=0), "model shape that does not build", False),
+    (lambda c: c["model"]["lm_head.weight"].fill_(math.nan), "non-finite model weights", False),
+    (lambda c: c.update(iter_num="x"), "its 'iter_num' is str", True),
+    (lambda c: c.pop("optimizer"), "its 'optimizer' is missing", True),
+    (lambda c: c.pop("rng"), "its 'rng' is missing", True),
+]
+
+
 @pytest.mark.e2e
-def test_resume_of_a_checkpoint_without_its_config_blames_the_checkpoint(finished_run, tmp_path):
+@pytest.mark.parametrize("breaks, words, resume_only", BAD_CKPT, ids=[w for _, w, _ in BAD_CKPT])
+def test_a_broken_checkpoint_is_refused_on_load_naming_the_file(finished_run, tmp_path, breaks, words, resume_only):
+    """checkpoint.load_checkpoint checks once for every reader: resume, --init_from=PATH, sample.py."""
     out = fresh_copy(finished_run, tmp_path)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    del ckpt["config"]
+    breaks(ckpt)
     torch.save(ckpt, out / "ckpt.pt")
-    before = snapshot(out)
-    for script, args in (("train.py", ["--init_from=resume", "--max_iters=20"]), ("sample.py", [])):
-        with pytest.raises(ValueError, match="not a train.py checkpoint: it has no config"):
-            run_inproc(script, f"--out_dir={out}", *args)
-    assert snapshot(out) == before
+    before, fresh = snapshot(out), tmp_path / "fresh"
+    readers = [("train.py", [f"--out_dir={out}", "--init_from=resume", "--max_iters=20"])]
+    if not resume_only:
+        readers += [("train.py", [f"--out_dir={fresh}", f"--init_from={out / 'ckpt.pt'}"]),
+                    ("sample.py", [f"--out_dir={out}"])]
+    for script, args in readers:
+        with pytest.raises(ValueError, match=re.escape(f"checkpoint {out / 'ckpt.pt'}") + ".*" + re.escape(words)):
+            run_inproc(script, *args)
+    assert snapshot(out) == before and not fresh.exists()
     if not torch.cuda.is_available():  # a good checkpoint on a missing GPU is not "corrupt"
         with pytest.raises(ValueError, match="no CUDA GPU"):
             run_inproc("sample.py", f"--out_dir={finished_run}", "--device=cuda")
@@ -449,10 +476,127 @@ def test_a_full_disk_leaves_the_previous_checkpoint(finished_run, tmp_path, monk
 
     def full(*args, **kw):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(ValueError, match="No space left on device; the previous one is unchanged"):
         run_inproc("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=12", "--eval_interval=2")
     assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+
+
+def _tmpfs(path, size):
+    """Mount a tmpfs of `size` bytes at path (root on Linux), or skip the test saying why not."""
+    path.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+
+@pytest.mark.e2e
+def test_a_really_full_disk_leaves_the_previous_checkpoint_loadable(finished_run, tmp_path):
+    """A tmpfs with room for the run but not for a second checkpoint beside the first."""
+    disk = tmp_path / "disk"
+    used = sum(p.stat().st_size for p in finished_run.iterdir())
+    _tmpfs(disk, used + (finished_run / "ckpt.pt").stat().st_size // 2)
+    try:
+        out = disk / "out"
+        shutil.copytree(finished_run, out)
+        before = (out / "ckpt.pt").read_bytes()
+        proc = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=12", "--eval_interval=2",
+                   check=False)
+        _one_error_line(proc, "cannot write checkpoint", "the previous one is unchanged", during_training=True)
+        assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+        load_checkpoint(str(out / "ckpt.pt"), resume=True)
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.e2e
+def test_a_read_only_out_dir_is_one_error_line_and_stays_unchanged(finished_run, tmp_path):
+    out = tmp_path / "ro"
+    _tmpfs(out, 16 * 2 ** 20)
+    try:
+        shutil.copytree(finished_run, out, dirs_exist_ok=True)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(out)]).returncode == 0
+        before = snapshot(out)
+        for args in (["--init_from=resume", "--max_iters=12"], ["--max_iters=2"]):
+            _one_error_line(run("train.py", f"--out_dir={out}", *TINY, *args, check=False), "cannot write to --out_dir")
+        assert snapshot(out) == before
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+@pytest.mark.e2e
+def test_ctrl_c_is_one_line_exit_130_and_the_checkpoint_resumes(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={out}", *TINY,
+                             "--max_iters=100000", "--eval_interval=5", "--eval_at_start=False"],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the second checkpoint is written
+            if (out / "log.jsonl").exists() and '"iter": 10, "val_nats"' in (out / "log.jsonl").read_text():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert re.fullmatch(r"interrupted at iteration \d+; the last checkpoint is at iteration (\d+); "
+                        r"resume with --init_from=resume", last), last
+    assert "Traceback" not in stderr
+    saved = int(re.search(r"iteration (\d+); resume", last).group(1))
+    assert saved >= 10 and saved % 5 == 0
+    assert load_checkpoint(str(out / "ckpt.pt"), resume=True)[1]["iter_num"] == saved
+    run("train.py", f"--out_dir={out}", "--init_from=resume", f"--max_iters={saved + 2}")
+
+
+def test_out_of_memory_and_ctrl_c_are_one_line_from_any_script():
+    for raise_it, status, line in (
+            ("raise MemoryError()", 1, "error: out of memory (MemoryError): lower --x"),
+            ("torch.empty(2 ** 62, dtype=torch.uint8)", 1, "error: out of memory (RuntimeError): lower --x"),
+            ("raise KeyboardInterrupt", 130, "stopped here")):
+        code = ("import torch; from configurator import report_errors; "
+                f"report_errors(memory_hint='lower --x', interrupted=lambda: 'stopped here'); {raise_it}")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert proc.returncode == status and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
+
+
+MEMORY = [("train.py", ["--n_embd=2000000", "--n_head=1"], "--n_embd"),
+          ("train.py", ["--batch_size=1000000000"], "--batch_size"),
+          ("train.py", ["--eval_problems=1000000000"], "--eval_problems"),
+          ("train.py", ["--train_size=100000000000"], "--train_size"),
+          ("sample.py", ["--num_samples=1000000000"], "--num_samples")]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("script, flags, words", MEMORY, ids=[f"{s} {f[0]}" for s, f, _ in MEMORY])
+def test_sizes_beyond_the_machine_are_refused_with_an_estimate_before_any_work(finished_run, tmp_path, script,
+                                                                                 flags, words):
+    out = fresh_copy(finished_run, tmp_path) if script == "sample.py" else tmp_path / "new"
+    before = snapshot(out) if out.exists() else None
+    with pytest.raises(ValueError, match=r"this needs about [\d,.]+ GB \(.*" + re.escape(words)):
+        run_inproc(script, *(TINY if script == "train.py" else []), f"--out_dir={out}", *flags)
+    assert (snapshot(out) if out.exists() else None) == before
+
+
+@pytest.mark.e2e
+def test_text_prompts_are_checked_before_training_and_a_corpus_without_newline_samples_unconditionally(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 40)
+    text = [*TINY, "--task=text", f"--data_path={corpus}", "--block_size=16", "--max_iters=2", "--eval_interval=2",
+            "--sample_length=8"]
+    for prompt, words in (("\u20ac\u20ac", "not in the vocabulary"), ("to be " * 3, "shorter than block_size=16")):
+        with pytest.raises(ValueError, match=words):
+            run_inproc("train.py", *text, f"--out_dir={tmp_path / 'refused'}", f"--sample_prompt={prompt}")
+        assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    proc = run("train.py", *text, f"--out_dir={out}", "--sample_prompt=to be")
+    assert "note: this corpus has no newline: the sample is unconditional" in proc.stdout
+    proc = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--length=8")
+    assert "unconditional" in proc.stdout and len(proc.stdout.splitlines()) == 3
 
 
 @pytest.mark.e2e
@@ -633,6 +777,60 @@ def test_ppots_weight_is_inverse_density(ppots, samplers):
 
 def test_epr_fit_recovers_known_curve(ppots):
     assert kl_on_grid(epr_curve(T_GRID, TRUE_EPR), epr_curve(T_GRID, ppots.params)) < 1e-3
+
+
+# an EPR curve with 10 % multiplicative noise (its fit's KL is ~3e-3, not 0) and one outside the family
+NOISY_EPR = epr_curve(T_GRID, TRUE_EPR) * (1 + 0.1 * torch.randn(T - 1, generator=gen(5), dtype=torch.float64)).abs()
+OFF_FAMILY = (1 / T_GRID + 5 * T_GRID ** 4).sqrt()
+
+
+@pytest.fixture
+def lbfgs_runs(monkeypatch):
+    """The L-BFGS runs fit_epr makes, one per start, in order: (iterations, history size)."""
+    runs = []
+
+    class Counted(torch.optim.LBFGS):
+        def step(self, closure):
+            loss = super().step(closure)
+            runs.append((self.state[self._params[0]]["n_iter"], self.defaults["history_size"]))
+            return loss
+    monkeypatch.setattr(torch.optim, "LBFGS", Counted)
+    return runs
+
+
+# the 20-start fit that the default replaced, on each curve: fit_epr(T_GRID, curve, n_starts=20,
+# agree=None, history_size=100), run once (6 digits; lab.ppots_cost runs it on measured curves)
+TWENTY_START_FITS = {
+    "noisy_epr": (NOISY_EPR, dict(a=2.16885, b=1.09484, c=0.296122, kappa=2.11842, r=0.821446, q=0.950653,
+                                  n=1.00025)),
+    "off_family": (OFF_FAMILY, dict(a=0.218759, b=2.36772, c=0.372285, kappa=7.65068e-05, r=8.69513, q=14.7432,
+                                    n=7.62729))}
+
+
+@pytest.mark.parametrize("name", TWENTY_START_FITS)
+def test_epr_fit_stops_when_two_starts_agree_and_matches_the_20_start_fit(name, lbfgs_runs):
+    """The default fit (L-BFGS history 10, stopping once two starts agree) finds the 20-start fit's
+    optimum (KL < 1e-6: the same optimum; the issue asks <= 1e-3) from fewer than its 8 starts, and
+    the same params on a second call."""
+    curve, twenty = TWENTY_START_FITS[name]
+    fast = fit_epr(T_GRID, curve)
+    assert 2 <= len(lbfgs_runs) < 8 and {h for _, h in lbfgs_runs} == {10}
+    assert kl_on_grid(epr_curve(T_GRID, twenty), epr_curve(T_GRID, fast)) < 1e-6
+    assert fit_epr(T_GRID, curve) == fast
+
+
+def test_epr_refit_starts_from_the_previous_fit(lbfgs_runs):
+    """init= (PPOTS, build_ppots: a refit's previous params) is the first start: on the same curve it
+    is already the optimum, so L-BFGS stops within 3 iterations and the law is the previous one."""
+    first = fit_epr(T_GRID, NOISY_EPR)
+    lbfgs_runs.clear()
+    again = PPOTS(T_GRID, NOISY_EPR, init=first).params
+    assert lbfgs_runs[0][0] <= 3 and kl_on_grid(epr_curve(T_GRID, first), epr_curve(T_GRID, again)) < 1e-9
+    lbfgs_runs.clear()
+    only_warm = fit_epr(T_GRID, OFF_FAMILY, n_starts=0, init=first)  # no random start: init's optimum
+    assert len(lbfgs_runs) == 1 and lbfgs_runs[0][0] > 3 and only_warm != first
+    with pytest.raises(ValueError, match="every start"):
+        fit_epr(T_GRID, NOISY_EPR, n_starts=0)
 
 
 def test_ppots_optimal_when_p_proportional_to_f():
@@ -1077,7 +1275,7 @@ def stream(cv, sampler, steps, seed, batch=32):
         t, w = sampler.sample(batch, g)
         l = 1 / (t + 0.05) + 0.5 * torch.randn(batch, generator=g)
         raw.append((w * l).double().mean().item())
-        adj.append(raw[-1] - cv.correction(t, w, l))
+        adj.append(raw[-1] - cv.correction(t, w, l).item())
     return torch.tensor(raw, dtype=torch.float64), torch.tensor(adj, dtype=torch.float64)
 
 
@@ -1142,7 +1340,7 @@ def test_weight_ema_with_decay_0_is_the_weights_and_otherwise_the_average():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    ema0, ema_half = weight_ema(model, 0.0), weight_ema(model, 0.5)
+    ema0, ema_half = WeightEMA(model, 0.0), WeightEMA(model, 0.5)
     for step in range(3):
         before = [p.detach().clone() for p in ema_half.module.parameters()]
         model(torch.randint(0, 12, (2, 9))).square().mean().backward()
@@ -1155,7 +1353,7 @@ def test_weight_ema_with_decay_0_is_the_weights_and_otherwise_the_average():
             assert all(torch.allclose(e, (b + p) / 2) for e, b, p in
                        zip(ema_half.module.parameters(), before, model.parameters()))
     with pytest.raises(ValueError, match="weight_ema_decay"):
-        weight_ema(model, 1.0)
+        WeightEMA(model, 1.0)
 
 
 @pytest.mark.e2e
@@ -1223,6 +1421,67 @@ def test_loss_weights_stay_float32_under_bfloat16_autocast():
     assert ((p.bfloat16().double() - p.double()).abs() / p.double()).max() > 1e-3  # what bfloat16 weights would cost
 
 
+SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("flags", [[], ["--masking=mirror"], ["--masking=pair"], ["--t_sampler=ppots", "--ppots_fit_iter=0"],
+                                   ["--weight_ema_decay=0.9"], ["--cv_bins=4"], ["--gradient_accumulation_steps=2"]],
+                         ids=["standard", "mirror", "pair", "ppots", "weight-ema", "control-variate", "accumulation"])
+def test_the_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, flags):
+    """Every Python-level way to read a tensor's value (item, bool, float, int, tolist, cpu, numpy) is counted
+    over the 20 steps between two log intervals: after one log record, until the next log interval's read of
+    the non-finite flag. On a GPU each of them would wait for the queued kernels."""
+    counts, counting = {}, [False]
+    for name in SYNC_METHODS:
+        def counted(self, *a, _orig=getattr(torch.Tensor, name), _name=name, **kw):
+            if counting[0]:
+                counts[_name] = counts.get(_name, 0) + 1
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    record, health = checkpoint.LogWindow.record, step_module.Step.health
+
+    def record_then_count(self, *a, **kw):
+        out = record(self, *a, **kw)
+        counting[0] = True
+        return out
+
+    def stop_counting(self):
+        counting[0] = False
+        return health(self)
+    monkeypatch.setattr(checkpoint.LogWindow, "record", record_then_count)
+    monkeypatch.setattr(step_module.Step, "health", stop_counting)
+    run_inproc("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--log_interval=20", "--eval_interval=40",
+               "--eval_at_start=False", *flags)
+    assert len([r for r in read_log(tmp_path) if "loss" in r]) == 2
+    assert counts == {}
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported_with_its_iteration():
+    """A NaN gradient injected at step k: the fused AdamW skips that update (weights and moments unchanged),
+    health() names iteration k with its loss and gradient norm, and the finite steps around it train."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=9))
+    task = get_task("sort", num_digits=4)
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99))
+    stepper = step_module.Step(model, model, opt, MaskSpec(), grad_clip=1.0, start_iter=100)
+    k, poison = 103, [False]
+    model.lm_head.weight.register_hook(lambda g: g * math.nan if poison[0] else g)
+    for it in range(100, 106):
+        x0, eligible = task.batch(8, "train", gen(it))
+        t = torch.rand(8, generator=gen(it))
+        before = [p.detach().clone() for p in model.parameters()]
+        poison[0] = it == k
+        _, loss, grad_norm, _ = stepper(x0, eligible, t, torch.ones(8), None, 1e-2)
+        same = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert same == (it == k) and all(p.isfinite().all() for p in model.parameters())
+        assert (stepper.health() is None) == (it < k)
+        if it == k:
+            bad_loss = loss.item()
+    assert stepper.health()[0] == k and stepper.health()[1] == pytest.approx(bad_loss)
+    assert math.isnan(stepper.health()[2])
+
+
 def _compiler_available():
     """torch.compile on CPU (inductor) needs dynamo, a C++ compiler and the Python headers."""
     return (torch._dynamo.is_dynamo_supported() and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
@@ -1235,7 +1494,7 @@ def test_compiled_training_matches_eager(tmp_path):
     common = ["--max_iters=3", "--eval_interval=3", "--log_interval=1", "--learning_rate=1e-2", *TINY]
     eager = run("train.py", f"--out_dir={tmp_path / 'eager'}", *common)
     compiled = run("train.py", f"--out_dir={tmp_path / 'compiled'}", "--compile=True", *common)
-    assert "compiling the training step" in compiled.stdout and "compiling" not in eager.stdout
+    assert "compiling the loss" in compiled.stdout and "compiling" not in eager.stdout
     logged = lambda d: [(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / d) if "loss" in r]
     assert len(logged("eager")) == 3
     np.testing.assert_allclose(logged("compiled"), logged("eager"), rtol=1e-4)
@@ -1244,7 +1503,8 @@ def test_compiled_training_matches_eager(tmp_path):
 def torchrun(*args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(HERE, "train.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -1257,15 +1517,19 @@ def test_two_processes_train_like_one_on_the_same_global_batch_and_resume_in_one
     control variate on the gathered row losses) log the losses and gradient norms that 1 process computes on all
     16; only float rounding differs. Rank-dependent draws would change the very first loss, a wrong gradient
     scale the gradient norm. P-POTS fitted on rank 0 and broadcast samples what a single process samples (pair,
-    with dropout): the same 4 micro-batches (1 process x 4 accumulation steps) draw the same dropout masks,
+    with dropout; fit='none', the measured curve itself: from the ~1e-7 rounding that DDP's all-reduce leaves in
+    the weights, the EPR fit's L-BFGS can land elsewhere on a flat KL valley, which moved the next loss by ~2e-5
+    relative, past the 1e-5 this test allows): the same 4 micro-batches (1 process x 4 accumulation steps) draw the same dropout masks,
     which ranks sharing one RNG stream would not. The 2-process checkpoint resumes in 1 process."""
     common = [*TINY, "--max_iters=4", "--eval_interval=4", "--log_interval=1", "--lr_decay_iters=8",
               "--warmup_iters=0", "--learning_rate=1e-2"]
     runs = {"stratified": (["--masking=mirror", "--t_sampler=stratified", "--cv_bins=4"], 1),
-            "ppots": (["--masking=pair", "--t_sampler=ppots", "--ppots_fit_iter=2", "--dropout=0.1"], 4)}
+            "ppots": (["--masking=pair", "--t_sampler=ppots", "--ppots_fit=none", "--ppots_fit_iter=2",
+                       "--dropout=0.1"], 4)}
     for name, (flags, accumulation) in runs.items():
         one, two = tmp_path / f"{name}1", tmp_path / f"{name}2"
-        run("train.py", f"--out_dir={one}", *common, *flags, f"--gradient_accumulation_steps={accumulation}")
+        run("train.py", f"--out_dir={one}", *common, *flags, f"--gradient_accumulation_steps={accumulation}",
+            threads=1)  # as torchrun's processes
         proc = torchrun(f"--out_dir={two}", *common, *flags, "--gradient_accumulation_steps=2")
         assert proc.stdout.count("done in") == 1  # only rank 0 reports
         for a, b in zip(read_log(one), read_log(two), strict=True):
@@ -1297,7 +1561,8 @@ def write_ckpt(out_dir, config, vocab_size, block_size, vocab=None):
     """A checkpoint as train.py writes one, as far as sample.py reads it: a tiny random model."""
     os.makedirs(out_dir, exist_ok=True)
     model = random_model(vocab_size, block_size)
-    ckpt = {"model_args": asdict(model.config), "model": model.state_dict(), "config": config}
+    ckpt = {"model_args": asdict(model.config), "model": model.state_dict(),
+            "config": {**train_config.defaults(), **config}}
     if vocab is not None:
         ckpt["vocab"] = vocab
     torch.save(ckpt, os.path.join(out_dir, "ckpt.pt"))
@@ -1451,6 +1716,17 @@ def test_a_prompt_with_the_wrong_layout_is_refused_showing_the_layout(num_digits
     with pytest.raises(ValueError) as e:
         task.encode(bad)
     assert repr(bad) in str(e.value) and expected in str(e.value)
+
+
+def test_an_unreadable_data_file_is_one_clear_error(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be\n" * 50)
+
+    def denied(*args, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(ValueError, match="cannot read data file .*corpus.txt: Permission denied"):
+        TextTask(str(corpus), block_size=8)
 
 
 def test_text_block_size_below_2_is_refused():

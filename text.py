@@ -86,6 +86,8 @@ class TextTask:
         except UnicodeDecodeError as e:
             raise ValueError(f"data file {data_path} is not UTF-8 text ({e.reason} at byte "
                              f"{e.start})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read data file {data_path}: {e.strerror or e}") from None
         if not text:
             raise ValueError(f"data file {data_path} is empty")
         return text
@@ -107,6 +109,25 @@ class TextTask:
         if unknown:
             raise ValueError(f"prompt has characters not in the vocabulary: {few_chars(unknown)}")
         return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
+
+    def prompt_ids(self, prompt="", causal=False):
+        """(LongTensor ids a text sample starts from, a note or None). A prompt given must be in
+        the vocabulary and shorter than block_size (ValueError). No prompt: a newline, the text's
+        usual boundary, if the vocabulary has one; else nothing, an unconditional sample (an ARM,
+        which needs a first token, starts from the vocabulary's first character), with a note
+        that says so."""
+        if prompt:
+            ids = self.encode(prompt)
+            if len(ids) >= self.block_size:
+                raise ValueError(f"the prompt is {len(ids)} chars; it must be shorter than "
+                                 f"block_size={self.block_size}")
+            return ids, None
+        if "\n" in self.stoi:
+            return self.encode("\n"), None
+        if causal:
+            return self.encode(self.chars[0]), (f"this corpus has no newline: the sample starts "
+                                                f"from its first character {self.chars[0]!r}")
+        return torch.zeros(0, dtype=torch.long), "this corpus has no newline: the sample is unconditional"
 
     def decode(self, ids):
         return "".join("_" if i == self.mask_id else self.chars[i] for i in ids.tolist())

@@ -7,8 +7,9 @@
     python train.py --init_from=pre/ckpt.pt --task=twosort --train_size=2000  # fine-tune (SFT)
     torchrun --standalone --nproc_per_node=2 train.py  # DDP: the same run on 2 processes
 
-One step: x0 ~ dataset, (t, w) ~ sampler, masks ~ spec, loss = mean_rows(w * l) with
-l = masking.row_losses (the mean of the two views for mirror/pair) -> backward -> clip -> AdamW.
+One step: x0 ~ dataset, (t, w) ~ sampler, masks ~ spec, then step.py: loss = mean_rows(w * l)
+with l = masking.row_losses (the mean of the two views for mirror/pair) -> backward -> clip ->
+AdamW, with no host sync: what is logged, and the non-finite guard, are read at log intervals.
 batch_size is the global batch: every rank draws the whole step from the same seeded streams and
 trains on its own rows, so 1 process, N processes or N accumulation steps run the same estimator
 (docs/design.md, "The global batch"). Only rank 0 evaluates, logs, saves, measures variance and
@@ -20,7 +21,7 @@ import os
 import random
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -37,12 +38,15 @@ from configurator import report_errors
 from control_variate import LossControlVariate
 from data import task_from_checkpoint, task_from_config
 from finetune import check_fits, training_set
-from masking import draw_masks, mask_spec_from_config, row_losses
-from model import ModelConfig, Transformer, device_and_dtype, weight_ema
+from masking import draw_masks, mask_spec_from_config
+from model import ModelConfig, Transformer, WeightEMA, check_memory, device_and_dtype
 from sample import TEXT_TEMPERATURE, accuracy, text_sample, val_elbo
 from samplers import OnlinePPOTS, build_ppots, describe_fit, make_sampler, restore_sampler
+from step import Step, stage
 
-report_errors()  # bad input: one `error:` line (configurator.py)
+# bad input: one `error:` line (configurator.py), before anything is created
+report_errors(memory_hint="lower the batch (--batch_size, or raise --gradient_accumulation_steps), "
+                          "the model (--n_embd, --n_layer) or --eval_problems")
 DATA_SEED_OFFSET = 1_000_003  # the x0 stream's generator: seed + this, apart from the global one
 ddp = "RANK" in os.environ  # started by torchrun
 rank, local_rank, world_size = (int(os.environ.get(k, d))
@@ -53,7 +57,6 @@ master = rank == 0  # evaluates, logs, saves, measures variance, fits P-POTS
 config, resume, pretrained = start_config(train_config.parse(sys.argv[1:]), sys.argv[1:])
 rows = train_config.check(config, world_size)  # clean (x0) rows per step
 globals().update(config)
-micro_rows = rows // (world_size * gradient_accumulation_steps)
 if ddp and (device.startswith("cuda") or not device and torch.cuda.is_available()):
     device = f"cuda:{local_rank}"  # one GPU per process, chosen before anything touches CUDA
     torch.cuda.set_device(device)
@@ -72,6 +75,10 @@ dataset = task_from_config(config) if resume is None else \
     task_from_checkpoint(dict(resume[1], config=config), True)
 if pretrained is not None:
     check_fits(dataset, task, pretrained[1], init_from)
+check_memory(train_config.memory_parts(config, dataset.seq_len, dataset.vocab_size, world_size),
+             device)
+if task == "text":  # the end-of-run sample's prompt, checked now rather than after training
+    dataset.prompt_ids(sample_prompt, model_type == "arm")
 dataset = training_set(config, dataset)  # the task, or its finite training set (train_size)
 spec = mask_spec_from_config(config, dataset)  # the masking mode, with ISAD / SyRM if on
 if resume is not None:
@@ -85,10 +92,10 @@ else:
                                     n_embd=n_embd, dropout=dropout, bias=bias,
                                     causal=model_type == "arm"))
 model.to(device).train()
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 sampler = make_sampler("uniform" if t_sampler == "ppots" else t_sampler)  # P-POTS: uniform first
-ema = weight_ema(model, weight_ema_decay) if weight_ema_decay else None
+ema = WeightEMA(model, weight_ema_decay) if weight_ema_decay else None
 eval_model = model if ema is None else ema.module  # what evaluation and the checkpoint's users see
 loss_cv = LossControlVariate(cv_bins, cv_eta) if cv_bins else None
 iter_num = 0
@@ -107,10 +114,8 @@ if ddp:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 train_model = DDP(model,
                   device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
-if compile:  # after DDP, as torch's docs advise, so that compile sees DDP's gradient buckets
-    if master:
-        print("compiling the training step: the first steps are slow")
-    train_model = torch.compile(train_model)
+if compile and master:  # over the whole loss function, after DDP, as torch's docs advise
+    print("compiling the loss (model, masking, mdm_loss): the first steps are slow")
 
 
 def get_lr(it):
@@ -137,15 +142,6 @@ def own_dropout_rng(k):
         yield
 
 
-def gather_rows(local):
-    """The per-row values of the whole global batch, in row order, from each rank's share."""
-    if not ddp:
-        return local
-    shares = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(shares, local)
-    return torch.cat(shares)
-
-
 def fit_ppots():
     """Rank 0 measures m(t) on the current model and fits P-POTS (or refits online from the
     binned training losses); every rank then samples t from rank 0's fit."""
@@ -163,7 +159,6 @@ def fit_ppots():
         dist.broadcast_object_list(state, src=0)
         sampler = restore_sampler(state[0])
     if master:
-        figures.plot_ppots(sampler, os.path.join(out_dir, "ppots.png"))
         tqdm.write(f"iter {iter_num}: P-POTS {describe_fit(sampler)}")
 
 
@@ -198,7 +193,28 @@ def log_variance():
     append_log(log_path, {"iter": iter_num, "variance": res, "seconds": time.time() - start})
 
 
+def check_health():
+    """Stop at the first non-finite step (its update was skipped on the device, step.py): read at
+    every log interval and before every evaluation and checkpoint."""
+    bad = step.health()
+    if bad is not None:
+        raise ValueError(f"iteration {bad[0]}: the training loss is {bad[1]} and the gradient norm "
+                         f"{bad[2]}; its update was skipped and the run stopped, so {ckpt_path} "
+                         f"holds the last good checkpoint (try a lower --learning_rate)")
+
+
+def interrupted():
+    """What Ctrl-C leaves: configurator.report_errors prints it and exits with status 130."""
+    where = f"the last checkpoint is at iteration {saved_iter}; resume with --init_from=resume" \
+        if saved_iter is not None else "no checkpoint was written"
+    return f"interrupted at iteration {iter_num}; {where}"
+
+
+step = Step(model, train_model, optimizer, spec, grad_clip, scaler, gradient_accumulation_steps,
+            rank, world_size, own_dropout_rng, compile, iter_num, ctx)
 window, t0, start_iter = LogWindow(with_raw=loss_cv is not None), time.time(), iter_num
+saved_iter = iter_num if resume is not None else None
+report_errors(interrupted=interrupted)
 bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, disable=not master)
 while True:
     since_fit = iter_num - ppots_fit_iter
@@ -208,61 +224,38 @@ while True:
         fit_ppots()
     if master and (iter_num % eval_interval == 0 and iter_num > start_iter
                    or iter_num == max_iters or iter_num == 0 and eval_at_start):
+        check_health()
         evaluate()
         if iter_num > start_iter:
             save_run(ckpt_path, model, optimizer, iter_num, config, sampler, data_gen, dataset,
                      ema, loss_cv)
+            saved_iter = iter_num
     if master and variance_interval and iter_num % variance_interval == 0 and (
             iter_num > start_iter or iter_num == 0):
         log_variance()
     if iter_num >= max_iters:
         break
-    lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     # the step. The global batch, the same on every rank: unlimited data gives mirror/pair at
     # matched compute the first half of Standard's x0 rows; a finite set is asked for its rows
-    x0, eligible = (z[:rows].to(device) for z in (
-        dataset.next_batch(rows, data_gen) if train_size
-        else dataset.batch(batch_size, "train", data_gen)))
+    x0, eligible = stage([z[:rows] for z in (dataset.next_batch(rows, data_gen) if train_size
+                                             else dataset.batch(batch_size, "train", data_gen))],
+                         device)
     t_cpu, w_cpu = sampler.sample(rows)
-    t, w = t_cpu.to(device), w_cpu.to(device)
+    t, w = stage((t_cpu, w_cpu), device)
     masks = draw_masks(eligible, t, spec) if model_type == "mdm" else None
-    parts = []  # this rank's row losses, micro-batch by micro-batch
-    for micro in range(gradient_accumulation_steps):
-        k = rank * gradient_accumulation_steps + micro  # its index in the global batch
-        mb = slice(k * micro_rows, (k + 1) * micro_rows)
-        last = micro == gradient_accumulation_steps - 1
-        with train_model.no_sync() if ddp and not last else nullcontext():  # all-reduce once
-            with ctx, own_dropout_rng(k):
-                part = row_losses(train_model, x0[mb], eligible[mb], t[mb], spec,
-                                  masks=None if masks is None else tuple(m[mb] for m in masks))
-            scaler.scale((w[mb] * part).mean() / gradient_accumulation_steps).backward()
-        parts.append(part.detach())
-    losses = gather_rows(torch.cat(parts))  # l of every row of the global batch, on every rank
-    loss = raw = (w * losses).mean()
+    lr = get_lr(iter_num)
+    losses, loss, grad_norm, clipped = step(x0, eligible, t, w, masks, lr)
+    raw = loss
     if loss_cv is not None:  # the reported value changes, its gradient does not
-        raw = loss.item()
         loss = loss - loss_cv.correction(t, w, losses)
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    for name, value in (("training loss", loss), ("gradient norm", grad_norm)):
-        # GradScaler handles fp16's inf gradients
-        if not torch.isfinite(value) and not (scaler.is_enabled() and name == "gradient norm"):
-            raise ValueError(f"iteration {iter_num}: the {name} is {value.item()}; stopped before "
-                             f"the update, so {ckpt_path} still holds the last good checkpoint "
-                             f"(try a lower --learning_rate)")
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update_parameters(model)
     if ppots_online and t_sampler == "ppots" and iter_num >= ppots_fit_iter:
         sampler.observe(t_cpu, losses.float().cpu())  # binned for the next online refit
     iter_num += 1
-    window.add(t_cpu, w_cpu, loss, grad_norm, grad_clip and grad_norm > grad_clip,
-               raw if loss_cv is not None else 0.0)
+    window.add(t_cpu, w_cpu, loss, grad_norm, clipped, raw if loss_cv is not None else 0.0)
     if iter_num % log_interval == 0:
+        check_health()
         record = window.record(iter_num, lr)
         if train_size:
             record["epoch"] = dataset.epoch
@@ -275,10 +268,15 @@ if ddp:
     dist.destroy_process_group()
 if master:  # plots, text samples, and the one-line summary
     figures.plot_run(log_path, out_dir, f"{model_type} {t_sampler}/{masking}")
+    if t_sampler == "ppots":
+        figures.plot_ppots(sampler, os.path.join(out_dir, "ppots.png"))
     final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
     acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" \
         if "acc" in final else ""
     if task == "text":  # show what the model writes
+        note = dataset.prompt_ids("", model.config.causal)[1]
+        if note:
+            print(f"note: {note}")
         for prompt in ("", sample_prompt) if sample_prompt else ("",):
             print(f"--- sample{f' after {prompt!r}' if prompt else ''} "
                   f"({sample_block_length}-char blocks, temperature {TEXT_TEMPERATURE}):")

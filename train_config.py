@@ -128,6 +128,24 @@ def parse(argv):
     return configure(defaults(), argv)
 
 
+def memory_parts(config, seq_len, vocab_size, world_size=1):
+    """An estimate of a run's largest allocations in bytes, by the flags that set them (for
+    model.check_memory): float32 weights, gradients, AdamW's two moments and a weight EMA; one
+    micro-batch's activations (~8 floats per token and layer, and the logits with their gradient);
+    the finite training set (train_size) and the held-out prompts (eval_problems). A lower bound:
+    what is refused cannot run; what passes may still need more."""
+    d, layers = config["n_embd"], config["n_layer"]
+    weights = 4 * (12 * layers * d * d + (2 * vocab_size + seq_len) * d)
+    views = 2 if config["masking"] != "standard" else 1
+    rows = clean_rows(config["batch_size"], config["masking"], config["matched_compute"]) * views
+    tokens = rows // (world_size * config["gradient_accumulation_steps"]) * seq_len
+    return {"model [--n_embd, --n_layer]": weights * (4 + (config["weight_ema_decay"] > 0)),
+            "one step's activations [--batch_size, --block_size or --num_digits]":
+                4 * tokens * (8 * layers * d + 2 * vocab_size),
+            "the training set [--train_size]": 9 * config["train_size"] * seq_len,
+            "the held-out prompts [--eval_problems]": 8 * 2 * config["eval_problems"] * seq_len}
+
+
 def check(config, world_size=1):
     """ValueError naming the first option out of range, unknown, or in a combination that cannot
     run; else the clean rows per step (masking.clean_rows), which split into world_size x

@@ -1,34 +1,47 @@
-"""What each method costs per training step, against a bare step of the same model on the
-same batch (the floor).
+"""What each method's training step costs against a bare step of the same model (the floor), and
+the host syncs per step; one-off costs and generation speed.
 
     python -m lab.bench                        # train.py's default model and batch, best device
-    python -m lab.bench --device=cpu --repeats=50
+    python -m lab.bench --blocks=20 --block_steps=50
     python -m lab.bench --task=text --data_path=data/tinyshakespeare.txt --block_size=64 \
                         --batch_size=32
+    python -m lab.bench --gpu_check            # the GPU check of docs/scaling.md (needs CUDA)
 
-Every figure is a median of timed calls after untimed warm-up calls (CUDA synchronised), printed as
-ms per call, tokens/s where tokens are processed, and its ratio to one floor step. The training
-steps: `repeats` calls after `warmup`, timed in turns (floor, standard, MIRROR, ..., floor,
-standard, ...) so that a machine that speeds up or slows down affects them all alike; drawing t: 200
-calls; the one-offs: 3 after 1; generation: max(3, repeats // 5) after 2. The training steps are
-train.py's step with one process and one micro-batch (x0 from the task, t and w from the sampler,
-masks, row_losses, w-weighted mean, backward, grad clip, AdamW), composed here from the same calls.
-The one-off costs (variance logging, P-POTS measure + fit) are also given as a fraction of the steps
-of a default run: max_iters steps at the measured standard step time.
+The variants, each a full optimiser step on the same model, dtype, compile setting and rows x tokens:
+  floor         forward, mean cross-entropy on every token, backward, clip, fused AdamW, on a batch
+                already on the device: what any trainer of this model pays
+  staged        train.py's step (step.Step, imported, not rebuilt) on batches, t and w already on
+                the device: masks, the MDM loss and the guard on top of the floor
+  standard      train.py's loop body as it runs: x0 from the task, t and w from the sampler, staged
+                to the device, masks, step.Step; standard - staged is the data's cost
+  MIRROR, pair  the same with two views at matched compute (batch_size / 2 clean rows)
+  P-POTS        the same with t from a fitted P-POTS (inverse CDF)
+Timing: `warmup` steps of each variant, then `blocks` rounds; in each round every variant runs
+`block_steps` back-to-back steps (the order rotates from round to round), timed with one
+synchronize per block (perf_counter on the CPU, CUDA events on a GPU). A ratio is computed per
+round, so that a machine that speeds up or slows down affects both sides alike, and reported with
+its 95 % bootstrap CI over rounds (lab.stats.bootstrap); a target is "met" only when the CI's upper
+end is at most the target. Host syncs per step: every Python-level read of a tensor's value
+(item, bool, float, int, tolist, cpu, numpy) counted over `block_steps` steps of each variant, as
+test_all.py's sync test counts them.
 """
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import train_config
 import variance
 from configurator import check_ranges, configure_globals, report_errors
 from data import task_from_config
-from masking import MaskSpec, clean_rows, row_losses
-from model import ModelConfig, Transformer, check_shape, device_and_dtype
+from masking import MaskSpec, clean_rows, draw_masks
+from model import ModelConfig, Transformer, check_memory, check_shape, device_and_dtype
 from sample import generate
 from samplers import PPOTS, make_sampler, measure_curve
+from step import Step, stage
+from lab.stats import bootstrap
 
 report_errors()  # bad input: one `error:` line (configurator.py)
 # the run being priced: train.py's defaults
@@ -41,34 +54,45 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 max_iters = 1000  # a default run, for the one-off fractions
-# train.py's variance logging: max_iters / variance_interval + 1 calls per run
-variance_interval = 200
+variance_interval = 200  # train.py's variance logging: max_iters / variance_interval + 1 calls
 # timing
-warmup = 5
-repeats = 30
+warmup = 50
+blocks = 10
+block_steps = 100
 gen_rows = 64  # prompts per generation call
 seed = 1337
 device = ""  # '' = auto: cuda > mps > cpu
 dtype = ""  # '' = auto, as train.py (model.device_and_dtype)
-compile = False
+compile = ""  # '' = eager; 'default' or 'reduce-overhead': torch.compile's mode over the loss
+gpu_check = False  # the GPU check (docs/scaling.md): sync debug mode, profiler, recompiles
 # -----------------------------------------------------------------------------
 config = configure_globals(globals())
-check_ranges(config, {"warmup": (1, None), "repeats": (3, None), "batch_size": (2, None),
-                      "gen_rows": (1, None), "max_iters": (1, None), "variance_interval": (1, None),
-                      "n_layer": (1, None), "n_head": (1, None), "n_embd": (1, None),
-                      "num_digits": (1, None)})
+check_ranges(config, {"warmup": (1, None), "blocks": (3, None), "block_steps": (1, None),
+                      "batch_size": (2, None), "gen_rows": (1, None), "max_iters": (1, None),
+                      "variance_interval": (1, None), "n_layer": (1, None), "n_head": (1, None),
+                      "n_embd": (1, None), "num_digits": (1, None)})
 check_shape(n_layer, n_head, n_embd)
+if compile not in ("", "default", "reduce-overhead"):
+    raise ValueError(f"--compile={compile!r}: use '' (eager), 'default' or 'reduce-overhead'")
 device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
+if gpu_check and device_type != "cuda":
+    raise ValueError("--gpu_check needs a CUDA GPU (this run's device is " + device + ")")
 torch.manual_seed(seed)
 gen = torch.Generator().manual_seed(seed)
 dataset = task_from_config(config)
+check_memory(train_config.memory_parts({**train_config.defaults(), **{
+    k: v for k, v in config.items() if k in train_config.OPTIONS}}, dataset.seq_len,
+    dataset.vocab_size), device)
 model = Transformer(ModelConfig(vocab_size=dataset.vocab_size, mask_id=dataset.mask_id,
                                 block_size=dataset.seq_len, n_layer=n_layer, n_head=n_head,
                                 n_embd=n_embd)).to(device).train()
-optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-step_model = torch.compile(model) if compile else model
 tokens = batch_size * dataset.seq_len  # forward tokens per training step, for every method
+SYNCS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")
+COMPARISONS = [("staged", "floor", None), ("standard", "floor", 1.05), ("standard", "staged", None),
+               ("MIRROR", "standard", 1.05), ("pair", "standard", None),
+               ("P-POTS", "standard", None)]  # (variant, reference, target ratio or None)
 
 
 def sync():
@@ -76,57 +100,110 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fns, n=None, warm=None):
-    """{name: median seconds per call} of the functions in `fns` ({name: fn}), called in turns n
-    times (default: repeats) after `warm` (default: warmup) calls each."""
-    for fn in fns.values():
-        for _ in range(warmup if warm is None else warm):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(n or repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def make_step(masking):
+    return Step(model, model, optimizer, MaskSpec(masking), 1.0, scaler, autocast=ctx,
+                compile=compile or False)
 
 
-def update(loss):
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+def floor_variant():
+    """The floor: the same model and optimiser, one loss on every token, a batch on the device."""
+    x = stage([dataset.batch(batch_size, "train", gen)[0]], device)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    forward = torch.compile(model, mode=None if compile == "default" else compile) \
+        if compile else model
 
-
-x_floor = dataset.batch(batch_size, "train", gen)[0].to(device)
-
-
-def floor_step():
-    """The bare step: forward, mean cross-entropy on every token, backward, AdamW; no masks, no t,
-    no clipping."""
-    with ctx:
-        loss = F.cross_entropy(step_model(x_floor).float().flatten(0, 1), x_floor.flatten())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def train_step(masking, sampler):
-    """train.py's step (one process, one micro-batch); mirror/pair use batch_size / 2 clean rows
-    (matched compute)."""
-    rows = clean_rows(batch_size, masking, matched_compute=True)
-
-    def step():
-        x0, eligible = (z[:rows].to(device) for z in dataset.batch(batch_size, "train", gen))
-        t, w = (z.to(device) for z in sampler.sample(rows))
+    def floor():
         with ctx:
-            loss = (w * row_losses(step_model, x0, eligible, t, MaskSpec(masking))).mean()
-        update(loss)
-    return step
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return floor
+
+
+def staged_variant():
+    """train.py's step on a batch, t and w already on the device (masks drawn each step)."""
+    train_step, rows = make_step("standard"), batch_size
+    x0, eligible = stage(dataset.batch(rows, "train", gen), device)
+    t, w = stage(make_sampler("uniform").sample(rows, gen), device)
+    return lambda: train_step(x0, eligible, t, w, draw_masks(eligible, t), 1e-3)
+
+
+def loop_variant(masking, sampler):
+    """train.py's loop body: data from the task and t from the sampler, staged, masks, the step."""
+    train_step, rows = make_step(masking), clean_rows(batch_size, masking, matched_compute=True)
+    spec = MaskSpec(masking)
+
+    def body():
+        x0, eligible = stage([z[:rows] for z in dataset.batch(batch_size, "train", gen)], device)
+        t, w = stage(sampler.sample(rows), device)
+        train_step(x0, eligible, t, w, draw_masks(eligible, t, spec), 1e-3)
+    return body
+
+
+def time_block(fn, n):
+    """Seconds for n back-to-back calls, one synchronize at each end."""
+    if device_type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def interleaved(variants):
+    """{name: [seconds per step in each round]}: warm-up, then `blocks` rotating rounds."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    names, times = list(variants), {name: [] for name in variants}
+    for r in range(blocks):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_block(variants[name], block_steps) / block_steps)
+    return times
+
+
+def syncs_per_step(fn):
+    """Python-level reads of a tensor's value per call of fn, over block_steps calls."""
+    count, originals = [0], {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def counted(orig):
+        def read(self, *a, **kw):
+            count[0] += 1
+            return orig(self, *a, **kw)
+        return read
+    for name, orig in originals.items():
+        setattr(torch.Tensor, name, counted(orig))
+    try:
+        for _ in range(block_steps):
+            fn()
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+    return count[0] / block_steps
+
+
+def ratio(times, a, b):
+    """mean over rounds of time(a) / time(b) in the same round, and its 95 % bootstrap CI."""
+    r = np.array(times[a]) / np.array(times[b])
+    return bootstrap(lambda i: float(r[i].mean()), len(r))
+
+
+def one_off(fn, n=3):
+    fn()
+    return statistics.median(time_block(fn, 1) for _ in range(n))
 
 
 def log_variance(sampler):
@@ -138,69 +215,88 @@ def log_variance(sampler):
     model.train()
 
 
-def main():
+def bench():
     uniform = make_sampler("uniform")
-    print(f"bench: {device} ({str(ptdtype)[6:]}{', compiled' if compile else ''}), task={task}, "
-          f"{n_layer}x{n_embd} ({model.num_params() / 1e6:.2f}M parameters), batch {batch_size} x "
-          f"{dataset.seq_len} tokens, {torch.get_num_threads()} CPU threads, median of {repeats} "
-          f"after {warmup} warm-up")
-    # build_ppots's
     curve = measure_curve(model, dataset, generator=torch.Generator().manual_seed(seed))
     ppots = PPOTS(curve["t"], curve["m"].sqrt())
-    measure_seconds, fit_seconds = timed({  # the one-offs: median of 3 after 1
-        "measure": lambda: measure_curve(model, dataset,
-                                         generator=torch.Generator().manual_seed(seed)),
-        "fit": lambda: PPOTS(curve["t"], curve["m"].sqrt())}, n=3, warm=1).values()
-    floor, standard, mirror, pair, ppots_step = timed({
-        "floor": floor_step, "standard": train_step("standard", uniform),
-        "mirror": train_step("mirror", uniform), "pair": train_step("pair", uniform),
-        "ppots": train_step("standard", ppots)}).values()
-    draw = timed({s.name: lambda s=s: s.sample(batch_size) for s in (uniform, ppots)}, n=200)
-    variance_seconds = timed({"variance": lambda: log_variance(uniform)}, n=3, warm=1)["variance"]
-    run = max_iters * standard  # the training steps of a default run
+    model.train()
+    variants = {"floor": floor_variant(), "staged": staged_variant(),
+                "standard": loop_variant("standard", uniform),
+                "MIRROR": loop_variant("mirror", uniform), "pair": loop_variant("pair", uniform),
+                "P-POTS": loop_variant("standard", ppots)}
+    print(f"bench: {device} ({str(ptdtype)[6:]}{', compile ' + compile if compile else ''}), "
+          f"task={task}, {n_layer}x{n_embd} ({model.num_params() / 1e6:.2f}M parameters), batch "
+          f"{batch_size} x {dataset.seq_len} tokens, {torch.get_num_threads()} CPU threads; "
+          f"{blocks} rounds of {block_steps} steps per variant after {warmup} warm-up steps")
+    times = interleaved(variants)
+    mean = {name: statistics.mean(ts) for name, ts in times.items()}
+    print(f"\n{'training step':<12}{'ms/step':>9}{'tokens/s':>12}{'syncs/step':>12}")
+    for name, fn in variants.items():
+        print(f"{name:<12}{mean[name] * 1e3:9.3f}{tokens / mean[name]:12,.0f}"
+              f"{syncs_per_step(fn):12.2f}")
+    print(f"\n{'ratio':<22}{'mean [95 % CI over rounds]':>28}")
+    for a, b, target in COMPARISONS:
+        r = ratio(times, a, b)
+        met = f"   target <= {target}: {'met' if r['hi'] <= target else 'not met'}" if target else ""
+        print(f"{a + ' / ' + b:<22}{r['est']:>10.3f} [{r['lo']:.3f}, {r['hi']:.3f}]{met}")
+    draw = {s.name: one_off(lambda s=s: s.sample(batch_size), 200) for s in (uniform, ppots)}
+    variance_seconds = one_off(lambda: log_variance(uniform))
+    run = max_iters * mean["standard"]
     calls = max_iters // variance_interval + 1
-
-    def row(name, seconds, n_tokens=None, note=""):
-        """One figure: ms per call, tokens/s where tokens are processed, and the ratio to
-        a floor step."""
-        tok = f"{n_tokens / seconds:12,.0f}" if n_tokens else " " * 12
-        print(f"{name:<34}{seconds * 1e3:11.4g}{tok}{seconds / floor:10.4g}   {note}")
-
-    def header(title):
-        print(f"\n{title:<34}{'ms/call':>11}{'tokens/s':>12}{'x floor':>10}")
-
-    header("training step")
-    row("floor: fwd + bwd + AdamW", floor, tokens)
-    row("standard + uniform t", standard, tokens, "target <= 1.10 x floor")
-    row("MIRROR, matched rows", mirror, tokens,
-        f"{mirror / standard:.3f} x standard (target <= 1.05)")
-    row("pair, matched rows", pair, tokens, f"{pair / standard:.3f} x standard")
-    row("P-POTS t (fitted), standard", ppots_step, tokens,
-        f"{ppots_step / standard:.3f} x standard")
-    header("sampling t for one batch")
+    print(f"\n{'one-offs':<36}{'ms/call':>10}")
     for name, seconds in draw.items():
-        row(f"{name}.sample({batch_size})", seconds, None,
-            f"{seconds / standard:.3%} of a standard step")
-    header("one-off costs")
-    row("variance logging (loss + grad)", variance_seconds, None,
-        f"x {calls} calls = {calls * variance_seconds / run:.1%} of a {max_iters}-step run "
-        f"(target <= 10%)")
-    row("P-POTS measure (forwards)", measure_seconds, None,
-        f"once = {measure_seconds / run:.1%} of the run")
-    row("P-POTS EPR fit (20 L-BFGS starts)", fit_seconds, None,
-        f"once = {fit_seconds / run:.1%} of the run")
-    row("P-POTS measure + fit", measure_seconds + fit_seconds, None,
-        f"once = {(measure_seconds + fit_seconds) / run:.1%} of the run (target <= 5%)")
-
+        print(f"{name + f'.sample({batch_size})':<36}{seconds * 1e3:10.4g}   "
+              f"{seconds / mean['standard']:.2%} of a standard step")
+    print(f"{'variance logging (loss + grad)':<36}{variance_seconds * 1e3:10.4g}   x {calls} calls = "
+          f"{calls * variance_seconds / run:.1%} of a {max_iters}-step run (target <= 10%)")
+    print("(P-POTS's one-off measure + fit: python -m lab.ppots_cost)")
     prompts = (dataset.prompts(gen_rows, "val", gen) if hasattr(dataset, "prompts")
                else torch.empty(gen_rows, 0, dtype=torch.long)).to(device)
     response_len = dataset.response_len if hasattr(dataset, "prompts") else dataset.seq_len
-    header(f"generation ({gen_rows} x {response_len} tokens)")
+    print(f"\ngeneration ({gen_rows} x {response_len} tokens){'ms/call':>10}{'tokens/s':>12}")
     model.eval()
     for steps in sorted({1, min(8, response_len), response_len}):
-        seconds = timed({"gen": lambda: generate(model, prompts, response_len, steps)},
-                        n=max(3, repeats // 5), warm=2)["gen"]
-        row(f"{steps} step" + "s" * (steps > 1), seconds, gen_rows * response_len)
+        seconds = one_off(lambda: generate(model, prompts, response_len, steps))
+        label = f"{steps} step" + "s" * (steps > 1)
+        print(f"{label:<36}{seconds * 1e3:10.4g}{gen_rows * response_len / seconds:12,.0f}")
+
+
+def check_gpu():
+    """docs/scaling.md's GPU check: syncs the CUDA sync debugger sees over 20 steps of train.py's
+    step; kernels and syncs per step of the floor and of the step (profiler); recompiles and graph
+    breaks of the compiled loss (torch._logging)."""
+    import warnings
+    from torch.profiler import ProfilerActivity, profile
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)
+    body = loop_variant("standard", make_sampler("uniform"))
+    for _ in range(warmup):
+        body()
+    sync()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            body()
+        sync()
+    torch.cuda.set_sync_debug_mode(0)
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    print(f"sync debug mode over 20 steps: {len(found)} warnings (expected 0)")
+    for w in found[:5]:
+        print(f"  {w.filename}:{w.lineno}: {w.message}")
+    for name, fn in (("floor", floor_variant()), ("train step", body)):
+        for _ in range(5):
+            fn()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            sync()
+        events = prof.key_averages()
+        count = lambda *keys: sum(e.count for e in events if any(k in e.key for k in keys)) / 10
+        print(f"{name}: {count('cudaLaunchKernel', 'cuLaunchKernel'):.0f} kernel launches, "
+              f"{count('cudaStreamSynchronize', 'cudaDeviceSynchronize'):.1f} synchronizes, "
+              f"{count('cudaMemcpy', 'cudaMemcpyAsync'):.1f} copies per step")
+
 
 if __name__ == "__main__":
-    main()
+    check_gpu() if gpu_check else bench()

@@ -6,10 +6,11 @@
 
 The README's figures are regenerated from real runs by
 
-    python -m lab.plots --run=out --study=results --assets=assets
+    python -m lab.plots --run=out --study=results --sft=results_sft --assets=assets
 
-with out/ from `python train.py` and results/ from `python -m lab.reproduce` (its Standard seed 0
-checkpoint, results/runs/Standard_s0/ckpt.pt, is the model of the per-t and P-POTS figures).
+with out/ from `python train.py`, results/ from `python -m lab.reproduce` (its Standard seed 0
+checkpoint, results/runs/Standard_s0/ckpt.pt, is the model of the per-t and P-POTS figures) and
+results_sft/ from `python -m lab.reproduce_sft` (its curves.json; --sft= skips sft_curves.png).
 """
 import json
 import os
@@ -56,44 +57,79 @@ def plot_results(summary, path):
 
 
 def plot_sft_curves(curves, path):
-    """reproduce_sft.py: held-out exact match against SFT step and against training forward rows,
-    one line per arm (mean over seeds) with a band of ± 1 std. curves: arm -> dict(iters, rows,
-    mean, std)."""
+    """reproduce_sft.py's curves.json: held-out exact match against SFT step and against training
+    forward rows, one line per arm (mean over seeds) with a band of ± 1 std, the y-axis fitted to
+    the bands, the legend outside the axes. curves: dict(arms={arm: dict(iters, rows, seeds, mean,
+    std)}, note=a line under the title, e.g. a reference that is not drawn)."""
+    arms = curves["arms"]
     fig, axes = new_figure(1, 2, figsize=(11, 4), sharey=True)
-    for i, (arm, c) in enumerate(curves.items()):
+    lo, hi = 1.0, 0.0
+    for i, (arm, c) in enumerate(arms.items()):
         mean, std = np.array(c["mean"]), np.array(c["std"])
-        for ax, x in zip(axes, (c["iters"], c["rows"])):
-            ax.plot(x, mean, marker="o", ms=3, color=f"C{i % 10}", ls="--" if i >= 10 else "-",
-                    label=arm)
-            ax.fill_between(x, mean - std, mean + std, color=f"C{i % 10}", alpha=0.12)
-    axes[0].set(xlabel="SFT step", ylabel="held-out exact match", ylim=(0, 1.02))
-    axes[1].set(xlabel="training forward rows")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("mean over seeds, band ± 1 std")
+        lo, hi = min(lo, (mean - std).min()), max(hi, (mean + std).max())
+        for ax, x in zip(axes, (c["iters"], np.array(c["rows"]) / 1000)):
+            ax.plot(x, mean, marker="o", ms=3, color=f"C{i}", label=arm)
+            ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+    lo, hi = (lo, hi) if arms else (0.0, 1.0)
+    pad = max(0.05 * (hi - lo), 0.01)
+    axes[0].set(xlabel="SFT step", ylabel="held-out exact match",
+                ylim=(max(0.0, lo - pad), min(1.0, hi + pad)))
+    axes[1].set(xlabel="training forward rows (thousands)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    seeds = sorted({c["seeds"] for c in arms.values()})
+    title = f"mean over {'/'.join(map(str, seeds))} seeds, band ± 1 std"
+    fig.suptitle(title + (f"; {curves['note']}" if curves.get("note") else ""), fontsize=10)
     save(fig, path)
+
+
+def read_json(path):
+    """A JSON file's content; ValueError naming the file if it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None
+
+
+def read_summary(path):
+    """A study's summary.json, checked for what plot_results reads; ValueError naming the file."""
+    summary = read_json(path)
+    methods = summary.get("methods") if isinstance(summary, dict) else None
+    if not isinstance(methods, dict) or not methods or not all(
+            isinstance(s, dict) and {"acc", "acc_mean", "failed"} <= s.keys()
+            for s in methods.values()):
+        raise ValueError(f"{path} is not a study's summary.json (no methods with their accuracies)")
+    return summary
 
 
 def main(argv):
     """Regenerate the README's figures (see the module docstring) from a run and a study."""
-    cfg = configure(dict(run="out", study="results", ckpt="", assets="assets", seed=0), argv)
+    cfg = configure(dict(run="out", study="results", sft="results_sft", ckpt="", assets="assets",
+                         seed=0), argv)
     ckpt_dir = cfg["ckpt"] or os.path.join(cfg["study"], "runs", "Standard_s0")
-    for path in (os.path.join(cfg["run"], "log.jsonl"), os.path.join(cfg["study"], "summary.json")):
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} not found: "
-                             "run `python train.py` and `python -m lab.reproduce` first")
+    sft = os.path.join(cfg["sft"], "curves.json") if cfg["sft"] else None
+    for path in (os.path.join(cfg["run"], "log.jsonl"), os.path.join(cfg["study"], "summary.json"),
+                 sft):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{path} not found: run `python train.py`, `python -m lab.reproduce` "
+                             "and `python -m lab.reproduce_sft` first (--sft= skips the last)")
+    summary = read_summary(os.path.join(cfg["study"], "summary.json"))  # all checked first
+    sft_curves = read_json(sft) if sft else None
+    model, ckpt = load_checkpoint(os.path.join(ckpt_dir, "ckpt.pt"))
+    dataset = task_from_checkpoint(ckpt)
     os.makedirs(cfg["assets"], exist_ok=True)
     out = lambda name: os.path.join(cfg["assets"], name)
     plot_run(os.path.join(cfg["run"], "log.jsonl"), cfg["assets"], "python train.py")
-    plot_results(json.load(open(os.path.join(cfg["study"], "summary.json"))), out("results.png"))
-    model, ckpt = load_checkpoint(os.path.join(ckpt_dir, "ckpt.pt"))
-    dataset = task_from_checkpoint(ckpt)
+    plot_results(summary, out("results.png"))
     curves = {mode: measure_curve(model, dataset, MaskSpec(mode),
                                   generator=torch.Generator().manual_seed(cfg["seed"]))
               for mode in ("standard", "pair", "mirror")}
     plot_components(curves, out("components.png"))
     plot_ppots(PPOTS(curves["standard"]["t"], curves["standard"]["m"].sqrt()), out("ppots.png"))
-    print(f"wrote train.png, variance.png, results.png, components.png and ppots.png in "
-          f"{cfg['assets']}")
+    if sft:
+        plot_sft_curves(sft_curves, out("sft_curves.png"))
+    print(f"wrote train.png, variance.png, results.png, components.png, ppots.png"
+          f"{', sft_curves.png' * bool(sft)} in {cfg['assets']}")
 
 
 if __name__ == "__main__":
