@@ -17,12 +17,18 @@ train_args, as its last flag). ISAD-first raises the masking rate of the first a
 '='), which is what ISAD's name points at; ISAD-hard that of the task's hardest tokens (data.py),
 this project's own choice: the authors released no ISAD training code. P-POTS-grid draws t only on
 the range of its measurement grid, as the authors' code does (biased). P-POTS's one-off curve,
-69 x 32 x 4 = 8,832 clean rows without backward (x 2 for mirror/pair), is outside the budget and
-shown in the forward-rows column.
+69 x 32 x 4 = 8,832 clean rows without backward (x 2 for mirror/pair), is outside the budget:
+the forward-rows column shows it and its share of the training rows (110 % for P-POTS, 221 % for
+P-POTS+MIRROR), and the time column includes it.
 
 Comparisons. Each row against Standard, the -paper rows also against their compute control
-Standard-2x; the paper's claims are checked for P-POTS+MIRROR and P-POTS+MIRROR-paper. Runs,
-cache, FAILED runs, intervals and outputs: study.py's docstring.
+Standard-2x, at the end of the run. The primary family (PRIMARY), Holm-adjusted together over
+both claims: P-POTS+MIRROR-paper vs Standard, P-POTS+MIRROR-paper vs Standard-2x, P-POTS+MIRROR
+vs Standard; every other comparison is exploratory. What a seed pairs (PAIRING): seed s fixes the
+init and the stream of training x0 batches; every row with batch_size 32 draws the same batches
+(matched-compute MIRROR and pair train on the first half of each), Standard-2x draws 64 rows a step
+and has its own. Runs, cache, FAILED runs, intervals, tests and outputs: study.py's and table.py's
+docstrings.
 
 Task and budget (the CPU default): sort 8 digits with train.py's default model (4 x 128, 0.79M
 parameters, lr 2e-3 cosine to 2e-4) for 250 steps of 32 rows, i.e. 8,000 forward rows per run;
@@ -59,6 +65,14 @@ METHODS = {
 }
 
 
+PRIMARY = (("P-POTS+MIRROR-paper", "Standard"), ("P-POTS+MIRROR-paper", "Standard-2x"),
+           ("P-POTS+MIRROR", "Standard"))
+PAIRING = ("seed s fixes the init and the stream of training x0 batches: every row of batch_size "
+           "32 draws the same batches (matched-compute MIRROR and pair train on the first half of "
+           "each), Standard-2x (64 rows a step) its own; t and masks come from one seeded stream "
+           "that the rows consume differently.")
+
+
 def schedule(it):
     """Eval and variance only at iter 0 and the end, warmup for the first 10 % of the steps, P-POTS
     fitted after 20 % (task_args can override these)."""
@@ -79,7 +93,8 @@ SCRATCH = study.Study(
         task_args="--task=sort --num_digits=8 --batch_size=32 --eval_problems=1024",  # every run's
         train_args="",  # extra train.py flags, after task_args (so they win)
         # 2 train.py processes at once, 1 torch thread each: the setting docs/results.md was
-        # measured with (threads change float rounding, so these give its numbers bit for bit)
+        # measured with (threads change float rounding, so on the same CPU kind and torch build
+        # these give its numbers bit for bit; another CPU kind rounds, and so trains, differently)
         jobs=2,
         threads=1,  # torch threads per run; 0 = max(1, cores // jobs)
         quick=False,  # smoke-test preset: quick below
@@ -90,7 +105,8 @@ SCRATCH = study.Study(
     schedule=schedule,
     batch_multiple={"Standard-2x": 2},  # --batch_size=2 x (task_args + train_args)'s, last flag
     controls={m: "Standard-2x" for m in ("MIRROR-paper", "pair-paper", "P-POTS+MIRROR-paper")},
-    claimed=("P-POTS+MIRROR", "P-POTS+MIRROR-paper"),
+    primary=PRIMARY,
+    pairing=PAIRING,
     notes="Rows: see lab/reproduce.py's docstring (-paper: the paper's 2x forward rows per step, "
           "compute control Standard-2x; ISAD-hard's tokens are this project's choice).",
 )

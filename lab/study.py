@@ -20,17 +20,25 @@ comparisons, and retried on the next call (a failure can be transient); the stud
 this process only, under a signature of its exact train.py flags: a study resumes (a torn last line
 is dropped), a changed budget reuses nothing (after changing the code, use a fresh --out). The
 thread count is not in the signature; it changes float rounding, which training can amplify, so
-pin --threads for bit-identical runs under different --jobs. A run's record keeps its final
-accuracy, val ELBO and variance components, the fraction of clipped steps (clip_frac), the
-accuracy of every evaluation (curve) and its last logged epoch (epochs), when train.py logs them.
+pin --threads for bit-identical runs under different --jobs (on one CPU kind and torch build:
+another CPU kind rounds differently too). A run's record keeps its final accuracy and its number
+of problems, val ELBO and variance components, the fraction of clipped steps (clip_frac), the
+accuracy of every evaluation (curve) with its number of problems (curve_problems) and the last
+logged epoch (epochs), when train.py logs them; a record cached before a field existed shows it
+as "—".
 
-Intervals (stats.py). Each row is compared with the baseline, a row with a compute control also
-with that control, paired by seed (a seed fixes the init, and the x0 stream at equal batch_size)
-over the seeds where both runs succeeded: the difference of mean accuracy with its 95 % bootstrap
-CI and paired permutation p, and the ratio of seed stds with its CI; "not detectable" when the CI
-covers 0 (1). For the claimed rows the paper's claims, mean up and seed std down, are read from
-those CIs as holds / not detectable / contradicted; "the best baseline run stays below our worst
-run" is a plain min/max. Output: <out>/table.md, table.png and summary.json (the table's numbers,
+Comparisons (table.py, stats.py). Each row is compared with the baseline, a row with a compute
+control also with that control, and every pair of the study's primary family, at each of the
+study's points (the evaluated iteration nearest to each fraction of max_iters), paired by seed
+over the seeds where both runs have a value there (what a seed holds fixed across arms: the
+study's pairing sentence): the difference of mean accuracy with its 95 % bootstrap CI and paired
+permutation p, and the ratio of seed stds with its CI and paired permutation p. Holm adjusts the p
+within three families (the primary pairs x points x both claims; the other differences; the other
+std ratios), and a difference is called only when its CI and its adjusted p agree (stats.verdict);
+a std ratio that the bounds of accuracy decide is 'at ceiling' or 'at floor'. For the primary pairs
+the paper's claims, mean up and seed std down, are read the same way; "the best baseline run stays
+below our worst run" is a plain min/max. Under the comparisons: the std test's power at the
+study's n. Output: <out>/table.md, table.png and summary.json (the table's numbers,
 machine-readable), then whatever the study's report writes.
 """
 import hashlib
@@ -50,19 +58,11 @@ from tqdm import tqdm
 
 import train_config
 from configurator import configure
-from lab import plots
-from lab.stats import fmt_diff, paired_difference, std_ratio, verdict
+from lab import plots, table
 from masking import clean_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py's folder
 FINITE = ("loss", "grad_norm", "val_nats", "val_bits", "acc")  # log.jsonl values a result needs
-NOTES = ("Loss A, B, C: at the last step, means over seeds (ARM: A = B = 0). Clipped steps: the "
-         "fraction of steps whose gradient norm exceeded grad_clip before clipping, mean over "
-         "seeds. Forward rows: of training; + curve: P-POTS's measurement, no backward, outside "
-         "the budget. Δ: difference of mean accuracy, 95 % bootstrap CI over seeds, paired "
-         "permutation p; std ratio: std(method) / std(vs), ddof 1; 'not detectable': the CI "
-         "covers 0 (1). Time: wall clock per run, start-up, evaluation, variance and curve "
-         "included.")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ class Study:
     batch_multiple: dict = field(default_factory=dict)  # row -> k: --batch_size=k x the batch
     baseline: str = "Standard"
     controls: dict = field(default_factory=dict)   # row -> its compute control row
-    claimed: tuple = ()                             # rows the paper's three claims are checked for
+    primary: tuple = ()   # (ours, ref) pairs: the paper's claims, one Holm family (table.py)
+    points: tuple = (1.0,)  # fractions of max_iters: each compared at the nearest evaluation
+    pairing: str = ""     # what seed s holds fixed across arms: one sentence for the notes
     curve_rows: int = 69 * 32 * 4                   # forward rows of one P-POTS curve
     notes: str = ""                                 # the table's closing footnote
     prepare: Callable | None = None  # prepare(cfg, jobs): after planning, before any run
@@ -96,6 +98,12 @@ def parse(study, argv):
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(study.methods)}")
     if not cfg["methods"]:
         raise ValueError("--methods is empty; choose from " + ", ".join(study.methods))
+    for pair in study.primary:
+        if len(pair) != 2 or not set(pair) <= set(study.methods):
+            raise ValueError(f"Study.primary: {pair!r} is not an (ours, ref) pair of methods")
+    if not study.points or not all(0 < f <= 1 for f in study.points):
+        raise ValueError(f"Study.points must be fractions of max_iters in (0, 1], got "
+                         f"{study.points!r}")
     for key in ("seeds", "max_iters", "jobs"):
         if cfg[key] < 1:
             raise ValueError(f"--{key} must be >= 1, got {cfg[key]}")
@@ -221,10 +229,13 @@ def final_result(out_dir, returncode, max_iters):
     var = [r["variance"] for r in log if "variance" in r and r["iter"] == max_iters]
     abc = {f"{t}_{k}": var[-1][t][k] if var else None for t in ("loss", "grad") for k in "ABC"}
     epochs = [r["epoch"] for r in log if "epoch" in r]
-    return dict(iter=max_iters, acc=final[-1]["acc"], val_bits=final[-1]["val_bits"], **abc,
+    evals = [r for r in log if "acc" in r]
+    return dict(iter=max_iters, acc=final[-1]["acc"], problems=final[-1].get("problems"),
+                val_bits=final[-1]["val_bits"], **abc,
                 clip_frac=mean(r["clip_frac"] for r in log if "clip_frac" in r),
                 epochs=epochs[-1] if epochs else None,
-                curve=[[r["iter"], r["acc"]] for r in log if "acc" in r])
+                curve=[[r["iter"], r["acc"]] for r in evals],
+                curve_problems=[r.get("problems") for r in evals])
 
 
 def run_dir(cfg, method, seed):
@@ -250,107 +261,66 @@ def run(cfg, job, threads):
         return dict(rec, status="failed", reason=str(e))
 
 
-def compare(a, b, claimed):
-    """Method summary a against b, paired over the seeds where both runs succeeded, with the
-    paper's three claims if `claimed`. Verdicts: stats.verdict on the CI (the ratio's minus 1)."""
-    x, y = dict(zip(a["seeds"], a["acc"])), dict(zip(b["seeds"], b["acc"]))
-    seeds = [s for s in x if x[s] is not None and y.get(s) is not None]
-    xs, ys = [x[s] for s in seeds], [y[s] for s in seeds]
-    diff = paired_difference(xs, ys) if len(seeds) >= 2 else None
-    ratio = std_ratio(xs, ys) if len(seeds) >= 2 and np.std(ys) > 0 else None
-    up = verdict(diff["lo"], diff["hi"], "higher") if diff else None
-    down = verdict(ratio["lo"] - 1, ratio["hi"] - 1, "lower") if ratio else None
-    c = dict(seeds=seeds, diff=diff, std_ratio=ratio,
-             diff_verdict={"holds": "higher", "contradicted": "lower"}.get(up, up),
-             std_verdict={"holds": "lower", "contradicted": "higher"}.get(down, down))
-    if claimed:
-        best, worst = b["acc_max"], a["acc_min"]
-        c["claims"] = dict(mean_up=up, std_down=down, best_ref=best, worst_ours=worst,
-                           best_below_worst=None if None in (best, worst) else best < worst)
-    return c
-
-
 def mean(values):
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
 
+def evaluated(study, cfg, jobs):
+    """The iterations compared, one per fraction f in study.points: the evaluation nearest to
+    f x max_iters among the successful runs' curves (ties: the later one), ascending, once each;
+    f = 1 is max_iters, the final evaluation every successful run has."""
+    it = cfg["max_iters"]
+    done = {i for j in jobs if j["record"]["status"] == "ok"
+            for i, _ in j["record"].get("curve", [])}
+    done.add(it)
+    return sorted({min(done, key=lambda i: (abs(i - f * it), -i)) for f in study.points})
+
+
+def at(rec, it):
+    """(accuracy, problems) of a run record at evaluated iteration `it`; (None, None) for a failed
+    run or one not evaluated there; problems None where the record predates it."""
+    if rec["status"] != "ok":
+        return None, None
+    if it == rec["iter"]:
+        return rec["acc"], rec.get("problems")
+    curve, problems = rec.get("curve", []), rec.get("curve_problems")
+    found = [k for k, (i, _) in enumerate(curve) if i == it]
+    if not found:
+        return None, None
+    return curve[found[-1]][1], problems[found[-1]] if problems else None
+
+
 def summarise(study, cfg, jobs):
-    """Everything table.md and table.png show, as JSON types (None: failed or not measured)."""
+    """Everything table.md and table.png show, as JSON types (None: failed or not measured):
+    config, iters (study.points as evaluated iterations), methods (per method: the final point's
+    numbers at the top level, every point under points[str(iter)]), comparisons (table.compare,
+    judged by table.judge) and std_power (table.power)."""
+    iters = evaluated(study, cfg, jobs)
     methods = {}
     for m in cfg["methods"]:
         recs = [j["record"] for j in jobs if j["method"] == m]
         ok = [r for r in recs if r["status"] == "ok"]
-        acc = [r["acc"] for r in ok]
         conf = next(j["conf"] for j in jobs if j["method"] == m)
         train_rows, curve_rows = forward_rows(conf, study.curve_rows)
+        points = {str(it): table.arm(*zip(*(at(r, it) for r in recs))) for it in iters}
         methods[m] = dict(
-            seeds=[r["seed"] for r in recs], acc=[r.get("acc") for r in recs],
+            seeds=[r["seed"] for r in recs],
             failed=[dict(seed=r["seed"], reason=r["reason"]) for r in recs if r["status"] != "ok"],
-            acc_mean=mean(acc), acc_std=float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
-            acc_min=min(acc, default=None), acc_max=max(acc, default=None),
+            **points[str(iters[-1])],
             **{k: mean(r.get(k) for r in ok) for k in ("val_bits", "loss_A", "loss_B", "loss_C",
                                                        "clip_frac", "epochs", "seconds")},
-            forward_rows=train_rows, curve_rows=curve_rows)
-    refs = lambda m: dict.fromkeys((study.baseline, study.controls.get(m)))  # in this order, once
-    comparisons = [dict(method=m, ref=ref, **compare(methods[m], methods[ref], m in study.claimed))
-                   for m in methods for ref in refs(m) if ref in methods and ref != m]
+            forward_rows=train_rows, curve_rows=curve_rows, points=points)
+    pairs = []
+    for m in methods:  # the baseline, the compute control, the primary refs: in this order, once
+        refs = (study.baseline, study.controls.get(m), *(r for o, r in study.primary if o == m))
+        pairs += [(m, r) for r in dict.fromkeys(refs) if r in methods and r != m]
+    comparisons = [dict(method=m, ref=r, **table.compare(methods[m], methods[r], it))
+                   for it in iters for m, r in pairs]
+    table.judge(comparisons, methods, study.primary)
     config = {k: cfg[k] for k in ("methods", "seeds", "max_iters", "task_args", "train_args")}
-    return dict(config=config, methods=methods, comparisons=comparisons)
-
-
-def write_table(study, summary, path):
-    """Markdown: each method's runs; the comparisons; the paper's claims; the failed runs."""
-    cfg, methods, comparisons = summary["config"], summary["methods"], summary["comparisons"]
-    num = lambda x, f=".3f": "—" if x is None else format(x, f)
-    row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"
-    flags = " ".join(f for f in (cfg["task_args"], cfg["train_args"]) if f)
-    lines = ["# " + study.title.format(max_iters=cfg["max_iters"], flags=flags), "",
-             row("method", "runs", "acc mean ± std", "min", "max", "per seed",
-                 "val ELBO (bits/tok)", "loss A", "loss B", "loss C", "clipped steps",
-                 "forward rows / run", "time (s)"), row(*["---"] * 13)]
-    for m, s in methods.items():
-        n_failed = len(s["failed"])
-        runs = f"{len(s['acc']) - n_failed}" + f" + {n_failed} FAILED" * bool(n_failed)
-        rows = f"{s['forward_rows']:,}" + f" + {s['curve_rows']:,} curve" * bool(s["curve_rows"])
-        per_seed = " ".join("FAILED" if a is None else f"{a:.3f}" for a in s["acc"])
-        lines.append(row(m, runs, f"{num(s['acc_mean'])} ± {num(s['acc_std'])}", num(s["acc_min"]),
-                         num(s["acc_max"]), per_seed, num(s["val_bits"], ".4f"),
-                         *(num(s[k], ".3g") for k in ("loss_A", "loss_B", "loss_C")),
-                         num(s["clip_frac"], ".2f"), rows, num(s["seconds"], ".0f")))
-    lines += ["", "## Comparisons, paired by seed over the seeds where both runs succeeded", "",
-              row("method", "vs", "paired seeds", "Δ mean acc [95 % CI], p", "Δ",
-                  "std ratio [95 % CI]", "std"), row(*["---"] * 7)]
-    for c in comparisons:
-        r = c["std_ratio"]
-        lines.append(row(c["method"], c["ref"], len(c["seeds"]),
-                         fmt_diff(c["diff"]) if c["diff"] else "— (< 2 paired seeds)",
-                         c["diff_verdict"] or "—",
-                         "—" if r is None else f"{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]",
-                         c["std_verdict"] or "— (std 0 or < 2 seeds)"))
-    n = min((len(c["seeds"]) for c in comparisons), default=99)
-    if n <= 5:
-        lines += ["", f"With {n} paired seeds no p-value can go below {2 ** (1 - n):.2g} and the "
-                      "interval is close to the range of the differences: a smoke test."]
-    claims = [c for c in comparisons if "claims" in c]
-    if claims:
-        lines += ["", "## The paper's claims", "",
-                  row("ours", "vs", "mean accuracy up", "seed std down", "\"the best baseline run "
-                      "stays below our worst run\" (min/max, no interval)"), row(*["---"] * 5)]
-    for c in claims:
-        k = c["claims"]
-        below = {True: "holds", False: "does not hold", None: "—"}[k["best_below_worst"]]
-        lines.append(row(c["method"], c["ref"], k["mean_up"] or "untestable (< 2 seeds)",
-                         k["std_down"] or "untestable (std 0 or < 2 seeds)",
-                         f"{below}: best {c['ref']} {num(k['best_ref'])}, worst {c['method']} "
-                         f"{num(k['worst_ours'])}"))
-    failed = [f"- {m} seed {f['seed']}: {f['reason']}"
-              for m, s in methods.items() for f in s["failed"]]
-    lines += ["", f"{sum(len(s['acc']) for s in methods.values())} runs, {len(failed)} FAILED (not "
-                  "results; retried on the next call)."] + failed
-    lines += ["", " ".join(filter(None, (study.notes, NOTES)))]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return dict(config=config, iters=iters, methods=methods, comparisons=comparisons,
+                std_power=table.power(comparisons))
 
 
 def main(study, argv):
@@ -385,7 +355,7 @@ def main(study, argv):
     summary = summarise(study, cfg, jobs)
     with open(os.path.join(cfg["out"], "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    write_table(study, summary, os.path.join(cfg["out"], "table.md"))
+    table.write_table(study, summary, os.path.join(cfg["out"], "table.md"))
     plots.plot_results(summary, os.path.join(cfg["out"], "table.png"))
     if study.report:
         study.report(cfg, summary, jobs)

@@ -1,6 +1,7 @@
 """The standalone variance table: for every t-sampler x masking on one checkpoint, the loss's and
 the gradient's A, B, C (variance.measure) with 95 % intervals from a bootstrap over x0, the
-paired A ratios of MIRROR and pair to standard, and P-POTS's total against its floor.
+paired A ratios of MIRROR and pair to standard, of MIRROR to pair and of P-POTS to uniform t, and
+P-POTS's total against its floor.
 
     python -m lab.variance_table --out_dir=out [--n_x0=64 --n_t=16 --n_masks=4 --grad_n_x0=16
                                                --n_proj=4 --n_boot=4000 --device=cpu --seed=0]
@@ -76,7 +77,8 @@ def _print_table(target, cis, rows, res, n):
 
 def main(argv):
     """Per target: A, B, C, total with x0 intervals per t-sampler x masking, the paired A ratios of
-    MIRROR and pair to standard, P-POTS's total against its floor; components_vs_t.png."""
+    MIRROR and pair to standard, of MIRROR to pair and of P-POTS to uniform, P-POTS's total against
+    its floor; components_vs_t.png."""
     cfg = configure(dict(out_dir="out", n_x0=64, n_t=16, n_masks=4, n_batches=64, grad_n_x0=16,
                          n_proj=4, n_boot=4000, device="cpu", seed=0), argv)
     check_ranges(cfg, {"n_x0": (2, None), "n_t": (2, None), "n_masks": (2, None),
@@ -125,6 +127,9 @@ def main(argv):
         for s in names if not causal else ():
             for mode in ("mirror", "pair"):
                 out["ratio", s, mode] = comps[s, mode]["A"] / comps[s, "standard"]["A"]
+            out["ratio", s, "mirror/pair"] = comps[s, "mirror"]["A"] / comps[s, "pair"]["A"]
+        for mode in MODES if not causal else ():
+            out["ppots/uniform", mode] = comps["ppots", mode]["A"] / comps["uniform", mode]["A"]
         if target == "loss":
             for mode, (m_x0, g_x0) in per_x0.items():
                 floor = ppots_floor(curves[mode]["t"], m_x0[idx].mean(0), g_x0[idx].mean(0))
@@ -145,6 +150,14 @@ def main(argv):
         pairs = [(target, mode) for target in ("loss", "grad") for mode in ("mirror", "pair")]
         _print_aligned([["sampler", *(f"{t} {mode}/standard" for t, mode in pairs)]] + [
             [s, *(_ci(cis[t]["ratio", s, mode]) for t, mode in pairs)] for s in names])
+        print("\nA of MIRROR over A of pair, and A under P-POTS over A under uniform t, paired on "
+              "the same x0s (an interval that covers 1: the two are not told apart)")
+        _print_aligned([["sampler", "loss mirror/pair", "grad mirror/pair"]] + [
+            [s, *(_ci(cis[t]["ratio", s, "mirror/pair"]) for t in ("loss", "grad"))]
+            for s in names])
+        _print_aligned([["masking", "loss ppots/uniform", "grad ppots/uniform"]] + [
+            [mode, *(_ci(cis[t]["ppots/uniform", mode]) for t in ("loss", "grad"))]
+            for mode in MODES])
         print("\nP-POTS, fitted on other x0s: predicted from its curve, then its measured total "
               "against the floor (int √m)^2 - (int g)^2 of any unbiased t-law on the table's x0s")
         for mode, sampler in fitted.items():
