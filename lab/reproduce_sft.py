@@ -1,30 +1,47 @@
-"""The paper's regime at laptop scale: pretrain once, fine-tune (SFT) on a finite set, every arm
-under both protocols, with intervals; then the gradient variance of each arm at SFT step 0 beside
-its outcome.
+"""The paper's regime at laptop scale: pretrain once, fine-tune (SFT) on a finite set for 5 epochs,
+the paper's arms under both protocols, with intervals at the end of the schedule and half-way;
+then the gradient variance of each arm at SFT step 0 beside its outcome.
 
-    python -m lab.reproduce_sft              # 14 arms x 10 seeds, pretraining included: see README
-    python -m lab.reproduce_sft --quick      # 5 arms x 2 seeds, short: a smoke test
+    python -m lab.reproduce_sft              # 7 arms x 10 seeds, 313 steps: see docs/sft.md
+    python -m lab.reproduce_sft --quick      # the 4 primary arms x 2 seeds, short: a smoke test
+    python -m lab.reproduce_sft --methods=all --seeds=5   # every arm of METHODS, ARM included
     python -m lab.reproduce_sft --methods=Standard,MIRROR-paper --seeds=5 --jobs=2 --threads=1
 
 The paper fine-tunes a pretrained LLaDA-8B-Instruct on GSM8K-sized sets for several epochs (lr 5e-5,
-linear decay, batch 32, clip 1.0), fits P-POTS once on the pretrained model, and runs MIRROR's two
-views on the same x0 (2x forward rows, 3 seeds). Here, on 2 CPU cores:
+linear decay to 0, batch 32, clip 1.0), reports the end of that schedule, fits P-POTS once on the
+pretrained model, and runs MIRROR's two views on the same x0 (2x forward rows, 3 seeds). Here, on 2
+CPU cores:
   pretraining  train.py --task=mix (data.py: two-way sorts of 2-12 digits, additions of 1-6),
-               fresh data, one MDM and one ARM, cached in <out>/pretrain/{mdm,arm} (PRETRAIN);
-  SFT          train.py --init_from=<pretrained> --task=twosort --num_digits=12: 12 digits
+               fresh data, seed 0, one MDM and one ARM, cached in <out>/pretrain/{mdm,arm}
+               (PRETRAIN);
+  SFT          train.py --init_from=<pretrained MDM> --task=twosort --num_digits=12: 12 digits
                sorted ascending, then descending, 25 answer tokens, from a finite set of
-               TRAIN_SIZE examples drawn once (the same for every seed), held-out exact match
-               (greedy) on problems never in it; batch 32, clip 1.0, linear decay, P-POTS fitted
-               at SFT step 0 (ppots_fit_iter=0) on the pretrained model.
-Arms (B = 32 clean rows per step): Standard; Standard-2x (2B clean rows: the compute control of
-the paper's protocol); MIRROR-paper, pair-paper, P-POTS+MIRROR-paper (B clean rows, 2B forward
-rows: the paper's protocol); MIRROR, pair, P-POTS+MIRROR (B/2 clean rows: matched compute);
-P-POTS (unbiased, t on [0, 1]); P-POTS-grid (the released code's t range, biased); Clipped;
-StraTS; ISAD (the first answer token); ARM (the pretrained ARM, fine-tuned alike). Seed s gives
-every arm the same pretrained start and, at equal clean rows per step, the same SFT data order.
+               TRAIN_SIZE = 2,000 examples drawn once (the same for every seed and arm);
+               STEPS = 313 steps of 32 clean rows = 5.0 epochs; lr 1e-3, linear decay to 0 at
+               the last step, no warmup, clip 1.0; P-POTS fitted at SFT step 0
+               (ppots_fit_iter=0) on the pretrained model;
+  evaluation   held-out exact match (greedy) on the same EVAL_PROBLEMS = 1,024 problems, never
+               in the set, at step 157 (1/2, not lr-decayed: the rate is still half its peak) and
+               at 313, the end of the schedule (primary). Each evaluation costs about as much as
+               the 157 training steps before it: the budget has no room for 1/4 and 3/4.
+Arms (B = 32 clean rows per step), by default (ARMS): Standard; Standard-2x (2B clean rows: the
+compute control of the paper's protocol); MIRROR-paper, pair-paper, P-POTS+MIRROR-paper (B clean
+rows, 2B forward rows: the paper's protocol); P-POTS (unbiased, t on [0, 1]); P-POTS+MIRROR (B/2
+clean rows, two views: matched compute). --methods=all adds MIRROR and pair at matched compute,
+P-POTS-grid (the released code's t range, biased), Clipped, StraTS, ISAD (the first answer token)
+and the ARM, fine-tuned alike. The pretrained ARM solves the task before SFT: its accuracy is a
+reference, reported beside the study (report), never a row of the comparison unless asked for.
 
-Calibration (what was tried, and why the study runs 200 steps at lr 1e-3): docs/sft.md,
-"Calibration".
+What a seed pairs. Every run of every seed starts from the same pretraining run (seed 0): there is
+no init to pair, and every result here is conditional on that one pretrained model. Seed s fixes
+the stream of training examples (train.py's data generator: the same epoch permutations of the
+same 2,000 examples for every arm) and the t and mask draws (the global generator, which arms
+consume differently). Only arms with the same clean rows per step see the same examples at every
+step: Standard, P-POTS and the -paper arms (32). Standard-2x (64) takes two of those steps'
+examples per step, so it covers 10 epochs in 313 steps, and the matched arms (16) half of one, 2.5
+epochs: their batches are their own.
+
+Calibration (what was tried, why 5 epochs at lr 1e-3) and timings: docs/sft.md.
 """
 import json
 import os
@@ -67,33 +84,37 @@ METHODS = {
     "ARM": f"{ARM} --model_type=arm",
 }
 PAPER = ("MIRROR-paper", "pair-paper", "P-POTS+MIRROR-paper")
-CURVES = ("Standard", "Standard-2x", "MIRROR-paper", "MIRROR", "P-POTS", "P-POTS-grid",
-          "P-POTS+MIRROR-paper", "P-POTS+MIRROR", "ARM")  # the figure's arms
+ARMS = ("Standard", "Standard-2x", "MIRROR-paper", "pair-paper", "P-POTS", "P-POTS+MIRROR-paper",
+        "P-POTS+MIRROR")  # the default arms; --methods=all runs every row of METHODS
+CURVES = ("Standard", "Standard-2x", "MIRROR-paper", "P-POTS+MIRROR-paper", "P-POTS+MIRROR")
 TRAIN_SIZE = 2000
+STEPS = 313  # 313 x 32 / 2,000 = 5.0 epochs
+EVAL_PROBLEMS = 1024  # every evaluation, the curve's included: the same problems
 # the pretraining run of each model type (+ --model_type=arm for the ARM): train.py flags, the
 # model's shape included (fine-tuning keeps it)
 PRETRAIN = ("--task=mix --num_digits=12 --n_layer=3 --n_head=4 --n_embd=96 --batch_size=64 "
             "--max_iters=2000 --warmup_iters=50 --eval_interval=1000 --variance_interval=0 "
             "--seed=0")
+TASK = (f"--task=twosort --num_digits=12 --train_size={TRAIN_SIZE} --batch_size=32 "
+        "--learning_rate=1e-3 --min_lr=0 --lr_schedule=linear --warmup_iters=0 --grad_clip=1.0 "
+        "--eval_problems={n} --eval_problems_mid={n} --variance_interval=0 --ppots_fit_iter=0")
 DEFAULTS = dict(
-    methods=",".join(METHODS), seeds=10, out="results_sft", device="", max_iters=200,
-    pretrain_args=PRETRAIN,
-    task_args=(f"--task=twosort --num_digits=12 --train_size={TRAIN_SIZE} --batch_size=32 "
-               "--learning_rate=1e-3 --min_lr=0 --lr_schedule=linear --warmup_iters=0 "
-               "--grad_clip=1.0 --eval_problems=256 --eval_problems_mid=128 --variance_interval=0 "
-               "--ppots_fit_iter=0"),
-    train_args="", jobs=2, threads=1, quick=False)
+    methods=",".join(ARMS), seeds=10, out="results_sft", device="", max_iters=STEPS,
+    pretrain_args=PRETRAIN, task_args=TASK.format(n=EVAL_PROBLEMS), train_args="", jobs=2,
+    threads=1, quick=False)
 QUICK = dict(seeds=2, max_iters=40, out="results_sft_quick",
              pretrain_args=PRETRAIN.replace("--max_iters=2000", "--max_iters=300"),
-             methods="Standard,Standard-2x,MIRROR-paper,P-POTS+MIRROR,ARM")
+             task_args=TASK.format(n=128),
+             methods="Standard,Standard-2x,P-POTS+MIRROR-paper,P-POTS+MIRROR")  # the primary arms
 
 
 def schedule(it):
-    """Evaluated at 1/4, 1/2 and 3/4 (on eval_problems_mid problems, the first of the final
-    evaluation's) and at the end, the figure's points with step 0: the pretrained model's accuracy,
-    the same for every run of a model type, measured once by report(). No variance logging: the
-    step-0 variance of every arm is measured once, by report()."""
-    return [f"--eval_interval={max(1, it // 4)}", "--eval_at_start=False"]
+    """Evaluated at ceil(it / 2) and at the end (313: 157 and 313), each time on the final
+    evaluation's problems when eval_problems_mid = eval_problems: the two points the study
+    compares. The figure's step 0, the pretrained model's accuracy, is the same for every run of a
+    model type and is measured once, by report(). No variance logging: the step-0 variance of
+    every arm is measured once, by report()."""
+    return [f"--eval_interval={-(-it // 2)}", "--eval_at_start=False"]
 
 
 def pretrain_flags(cfg, kind):
@@ -139,16 +160,13 @@ def pretrained(cfg, conf):
     return model, training_set(conf, task_from_checkpoint(dict(ckpt, config=conf)))
 
 
-def step0_accuracy(cfg, jobs):
-    """{model type: held-out exact match before SFT}, on the final evaluation's problems, on the
-    CPU: the runs skip their step-0 evaluation (eval_at_start=False), which is the same for every
-    seed and every arm of one model type."""
-    acc = {}
-    for job in jobs:
-        kind = job["conf"]["model_type"]
-        if kind not in acc:
-            acc[kind] = accuracy(*pretrained(cfg, job["conf"]), job["conf"]["eval_problems"])
-    return acc
+def step0_accuracy(cfg, conf):
+    """{model type: held-out exact match before SFT}, for the pretrained MDM and ARM, on the final
+    evaluation's problems of a run with train.py config `conf`, on the CPU: the runs skip their
+    step-0 evaluation (eval_at_start=False), which is the same for every seed and arm of one model
+    type. The ARM's is the study's reference for what pretraining alone reaches."""
+    return {kind: accuracy(*pretrained(cfg, dict(conf, model_type=kind)), conf["eval_problems"])
+            for kind in ("mdm", "arm")}
 
 
 STEP0 = dict(n_x0=32, n_t=8, n_masks=2, n_proj=4)  # the step-0 variance draws per arm
@@ -188,8 +206,8 @@ def step0_variance(cfg, jobs, n_x0, n_t, n_masks, n_proj):
 
 
 def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
-    """The step-0 gradient variance of every arm beside its accuracy difference to Standard: a
-    markdown table (also returned as rows of JSON types)."""
+    """The step-0 gradient variance of every arm beside its accuracy difference to Standard at the
+    end of the schedule: a markdown table (also returned as rows of JSON types)."""
     draws, rows = step0_variance(cfg, jobs, **STEP0)
 
     def stat(comps, idx):
@@ -203,7 +221,8 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
                 out[arm, "ratio"] = out[arm, "batch"] / base
         return out
     ci = bootstrap_x0(stat, draws, n_boot)
-    diffs = {c["method"]: c for c in summary["comparisons"] if c["ref"] == "Standard"}
+    diffs = {c["method"]: c for c in summary["comparisons"]
+             if c["ref"] == "Standard" and c["iter"] == summary["iters"][-1]}
     cell = lambda c: f"{c['est']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}]"
     table = ["| arm | clean rows | grad A | grad B | grad C | per-draw total | batch-mean "
              "variance | vs Standard | Δ acc vs Standard [95 % CI], p |", "|" + " --- |" * 9]
@@ -237,18 +256,21 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
 
 
 def report(cfg, summary, jobs):
-    """variance.md (variance_vs_outcome, and the pretrained models' accuracy) and curves.png
-    (accuracy against step and forward rows, mean and a band of ± 1 std over seeds)."""
+    """variance.md (variance_vs_outcome, and the pretrained models' accuracy: the ARM's is the
+    reference line), curves.json and curves.png (accuracy against step and forward rows, mean and
+    a band of ± 1 std over seeds, the arms of CURVES that ran)."""
     text, rows = variance_vs_outcome(cfg, summary, jobs)
-    acc0 = step0_accuracy(cfg, jobs)
-    text += "\nHeld-out exact match before SFT (step 0, the final evaluation's problems): " + \
-        ", ".join(f"{kind.upper()} {a:.3f}" for kind, a in acc0.items()) + ".\n"
+    acc0 = step0_accuracy(cfg, jobs[0]["conf"])
+    n = jobs[0]["conf"]["eval_problems"]
+    text += (f"\nHeld-out exact match before SFT (step 0, the final evaluation's {n} problems): MDM "
+             f"{acc0['mdm']:.3f}; the pretrained ARM {acc0['arm']:.3f}, a reference for what "
+             f"pretraining alone reaches, outside the comparisons.\n")
     with open(os.path.join(cfg["out"], "variance.md"), "w") as f:
         f.write("# Step-0 gradient variance and outcome\n\n" + text)
     with open(os.path.join(cfg["out"], "variance.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(text)
-    curves = {}
+    arms = {}
     for arm in (a for a in CURVES if a in cfg["methods"]):
         recs = [j["record"] for j in jobs if j["method"] == arm and j["record"]["status"] == "ok"]
         conf = next(j["conf"] for j in jobs if j["method"] == arm)
@@ -257,8 +279,12 @@ def report(cfg, summary, jobs):
             start = [] if recs[0]["curve"][0][0] == 0 else [(0, acc0[conf["model_type"]])]
             its = [it for it, _ in start + recs[0]["curve"]]
             acc = np.array([[a for _, a in start + r["curve"]] for r in recs])
-            curves[arm] = dict(iters=its, rows=[it * per_step for it in its],
-                               mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
+            arms[arm] = dict(iters=its, rows=[it * per_step for it in its], seeds=len(recs),
+                             mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
+    curves = dict(arms=arms, note=f"the pretrained ARM, before SFT: {acc0['arm']:.3f} "
+                                  f"(a reference, not drawn)")
+    with open(os.path.join(cfg["out"], "curves.json"), "w") as f:
+        json.dump(curves, f, indent=1)
     plots.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))
 
 
@@ -267,14 +293,22 @@ SFT = study.Study(
           "exact match ({max_iters} steps, {flags})",
     methods=METHODS, defaults=DEFAULTS, quick=QUICK, schedule=schedule,
     batch_multiple={"Standard-2x": 2}, controls={m: "Standard-2x" for m in PAPER},
-    claimed=("P-POTS+MIRROR", "P-POTS+MIRROR-paper"), prepare=prepare, report=report,
+    primary=(("P-POTS+MIRROR-paper", "Standard"), ("P-POTS+MIRROR-paper", "Standard-2x"),
+             ("P-POTS+MIRROR", "Standard")),
+    points=(0.5, 1.0), prepare=prepare, report=report,
+    pairing="every run starts from one pretrained model (seed 0), so every result is conditional "
+            "on it; seed s fixes the stream of training examples and the t and mask draws, and "
+            "only arms with the same clean rows per step (Standard, P-POTS, the -paper arms) see "
+            "the same examples at every step (Standard-2x and the matched arms have their own).",
     notes="Rows and budget: reproduce_sft.py's docstring (-paper: the paper's protocol, 2x "
-          "forward rows per step, compute control Standard-2x). Loss A, B, C: not logged in this "
-          "study (variance.md has every arm's gradient A, B, C at step 0).")
-
+          "forward rows per step, compute control Standard-2x). The 1/2 point is not lr-decayed "
+          "(the linear decay is half-way); the end of the schedule is primary. Loss A, B, C: not "
+          "logged in this study (variance.md has every arm's gradient A, B, C at step 0).")
 
 
 def main(argv):
+    """study.main on SFT; --methods=all stands for every row of METHODS."""
+    argv = [f"--methods={','.join(METHODS)}" if a == "--methods=all" else a for a in argv]
     return study.main(SFT, argv)
 
 
