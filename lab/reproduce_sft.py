@@ -307,8 +307,15 @@ SFT = study.Study(
 
 
 def main(argv):
-    """study.main on SFT; --methods=all stands for every row of METHODS."""
+    """study.main on SFT; --methods=all stands for every row of METHODS. The pretraining runs'
+    flags are checked with train.py's checks first, like every SFT run's, before --out exists."""
     argv = [f"--methods={','.join(METHODS)}" if a == "--methods=all" else a for a in argv]
+    cfg = study.parse(SFT, argv)
+    for kind in ("mdm", "arm"):
+        try:
+            study.run_config(pretrain_flags(cfg, kind))
+        except ValueError as e:
+            raise ValueError(f"pretraining the {kind.upper()}: train.py flags: {e}") from None
     return study.main(SFT, argv)
 
 

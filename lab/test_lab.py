@@ -107,7 +107,8 @@ def test_plots_check_every_input_before_writing_a_file(finished_run, tmp_path):
 def test_the_sft_study_refuses_bad_flags_before_creating_its_folder(tmp_path):
     for args, words in ((["--seeds=0"], "seeds"), (["--methods=bogus"], "unknown method"), (["--jobs=0"], "jobs"),
                         (["--max_iters=0"], "max_iters"), (["--train_args=--batch_size=0"], "batch_size"),
-                        (["--task_args=--learning_rate=1e999"], "not a finite number")):
+                        (["--task_args=--learning_rate=1e999"], "not a finite number"),
+                        (["--pretrain_args=--n_embd=-1"], "pretraining the MDM: train.py flags: --n_embd=-1")):
         with pytest.raises(ValueError, match=words):
             reproduce_sft.main([f"--out={tmp_path / 'sft'}", *args])
         assert not (tmp_path / "sft").exists()
