@@ -532,7 +532,9 @@ def test_ctrl_c_is_one_line_exit_130_and_the_checkpoint_resumes(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={out}", *TINY,
                              "--max_iters=100000", "--eval_interval=5", "--eval_at_start=False"],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a runner started in the background ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(600):  # until the second checkpoint is written
             if (out / "log.jsonl").exists() and '"iter": 10, "val_nats"' in (out / "log.jsonl").read_text():
