@@ -123,21 +123,35 @@ def accuracy(model, dataset, n_problems, steps=None, block_length=None, seed=EVA
 
 
 @torch.no_grad()
-def val_elbo(model, dataset, rows, n_batches, device, ctx):
-    """Val negative ELBO in nats per maskable token (a char for task=text), in eval mode: the
-    standard MDM objective (whatever ISAD/SyRM train on) on n_batches fixed val batches of `rows`,
-    at a fixed stratified t-grid (the midpoints of `rows` strata) and fixed masks (own generator),
-    so the same weights give the same number. Comparable with an ARM's val loss, its next-token
-    cross-entropy per response token. The caller restores the training mode."""
+def val_elbo(model, dataset, rows, n_batches, device, ctx, mask_seed=None):
+    """(val negative ELBO, its masking error), in nats per maskable token (a char for task=text),
+    in eval mode: the standard MDM objective (whatever ISAD/SyRM train on) on n_batches fixed val
+    batches of `rows`, at a fixed stratified t-grid (the midpoints of `rows` strata) and fixed
+    masks (own generator), so the same weights give the same number. Comparable with an ARM's val
+    loss, its next-token cross-entropy per response token. The caller restores the training mode.
+
+    The error is the standard error that the masks alone give the estimate, on these val rows and
+    rates: a second, independent mask draw per row (its own generator) gives d_i = l_i - l'_i, and
+    SE^2 = sum_i d_i^2 / 2 / N^2 over the N = rows x n_batches rows, an unbiased estimate of
+    Var(mean_i l_i | x0, t) = sum_i Var(l_i | x0_i, t_i) / N^2, the A of the paper at fixed x0
+    and t. Two runs scored on the same val rows differ by at least this much noise; an ARM has
+    none (0). mask_seed: draw both mask sets from generators of their own (mask_seed, and
+    mask_seed + 1), not from the val batches' one, so that calls with other mask_seeds score the
+    same val rows with other masks (how the error is tested)."""
     model.eval()
     g = torch.Generator().manual_seed(EVAL_SEED)
+    g1 = g if mask_seed is None else torch.Generator().manual_seed(mask_seed)
+    g2 = torch.Generator().manual_seed(EVAL_SEED + 1 if mask_seed is None else mask_seed + 1)
     t = ((torch.arange(rows) + 0.5) / rows).to(device)
-    total = 0.0
+    total, sq = 0.0, 0.0
     for _ in range(n_batches):
         x0, eligible = (z.to(device) for z in dataset.batch(rows, "val", g))
         with ctx:
-            total += row_losses(model, x0, eligible, t, MaskSpec(), g).mean().item()
-    return total / n_batches
+            losses = row_losses(model, x0, eligible, t, MaskSpec(), g1).float()
+            d = losses - row_losses(model, x0, eligible, t, MaskSpec(), g2).float()
+        total += losses.mean().item()
+        sq += d.square().sum().item()
+    return total / n_batches, math.sqrt(sq / 2) / (rows * n_batches)
 
 
 @torch.no_grad()

@@ -260,6 +260,26 @@ def test_ppots_mirror_training_logs_variance_and_writes_plots(tmp_path):
         assert os.path.exists(os.path.join(out, name))
 
 
+def test_val_elbo_error_matches_its_spread_over_mask_draws():
+    """val_elbo's masking error against the spread of K estimates of one model on the same val
+    rows with other masks. SE^2 is unbiased, so the spread's std is compared with the root of
+    the mean SE^2; the 1/p weights make the losses heavy-tailed, so the ratio's Monte Carlo
+    error comes from a bootstrap over the K calls, and it is small enough that an SE off by
+    sqrt(2) would fail. The default call (no mask_seed) is the training run's number, and an
+    ARM has no masking error."""
+    torch.manual_seed(0)
+    model, task = Transformer(ModelConfig(block_size=9, n_layer=1, n_head=2, n_embd=16)), get_task("sort", num_digits=4)
+    ctx, K = torch.no_grad(), 300
+    runs = np.array([sample.val_elbo(model, task, 64, 2, "cpu", ctx, mask_seed=10 + 2 * k) for k in range(K)])
+    ratio = lambda r: r[:, 0].std(ddof=1) / np.sqrt((r[:, 1] ** 2).mean())
+    rng = np.random.default_rng(0)
+    mc = np.std([ratio(runs[rng.integers(0, K, K)]) for _ in range(1000)])
+    assert abs(ratio(runs) - 1) < 3 * mc < 1 - 1 / math.sqrt(2), (ratio(runs), mc)
+    assert sample.val_elbo(model, task, 16, 2, "cpu", ctx) == sample.val_elbo(model, task, 16, 2, "cpu", ctx)
+    arm = Transformer(ModelConfig(block_size=9, n_layer=1, n_head=2, n_embd=16, causal=True))
+    assert sample.val_elbo(arm, task, 16, 2, "cpu", ctx)[1] == 0.0
+
+
 @pytest.mark.e2e
 def test_resume_reproduces_the_uninterrupted_losses_bit_exactly(tmp_path):
     common = ["--log_interval=1", "--eval_interval=10", "--lr_decay_iters=20", "--t_sampler=stratified", *TINY]
@@ -277,11 +297,18 @@ def test_text_training_reports_nats_and_samples_and_rejects_unknown_prompt_chars
     text.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
     out = str(tmp_path / "out")
     proc = run("train.py", "--task=text", f"--data_path={text}", "--block_size=32", f"--out_dir={out}",
-               "--max_iters=20", "--eval_interval=20", "--sample_length=24", "--sample_prompt=the", *TINY)
+               "--max_iters=20", "--eval_interval=20", "--sample_length=24", "--sample_prompt=the",
+               "--t_sampler=ppots", "--ppots_fit_iter=5", "--ppots_refit_every=5", *TINY)
     assert "--- sample after 'the'" in proc.stdout and "nats/token" in proc.stdout.splitlines()[-1]
     evals = [r for r in read_log(out) if "val_nats" in r]
-    assert evals[-1]["val_nats"] < evals[0]["val_nats"]
+    assert evals[-1]["val_nats"] < evals[0]["val_nats"] and evals[-1]["val_se_nats"] > 0
     assert math.isclose(evals[-1]["val_bits"], evals[-1]["val_nats"] / math.log(2))
+    # P-POTS refitted on its schedule: each fit is a log record, and each changed the law
+    fits = [r for r in read_log(out) if "ppots" in r]
+    assert [r["iter"] for r in fits] == [5, 10, 15] and all(r["ppots"]["ratio"] > 0 for r in fits)
+    assert all(a["ppots"]["params"] != b["ppots"]["params"] for a, b in zip(fits, fits[1:]))
+    saved = sampler_from_state(load_checkpoint(os.path.join(out, "ckpt.pt"))[1]["sampler"])
+    assert saved.params == fits[-1]["ppots"]["params"]
     assert len(run("sample.py", f"--out_dir={out}", "--prompt=lazy", "--length=8", "--num_samples=1").stdout) > 8
     _one_error_line(run("sample.py", f"--out_dir={out}", "--prompt=QZ!", check=False), "not in the vocabulary")
 

@@ -41,7 +41,8 @@ from finetune import check_fits, training_set
 from masking import draw_masks, mask_spec_from_config
 from model import ModelConfig, Transformer, WeightEMA, check_memory, device_and_dtype
 from sample import TEXT_TEMPERATURE, accuracy, text_sample, val_elbo
-from samplers import OnlinePPOTS, build_ppots, describe_fit, make_sampler, restore_sampler
+from samplers import (OnlinePPOTS, build_ppots, describe_fit, make_sampler, restore_sampler,
+                      second_moments)
 from step import Step, stage
 
 # bad input: one `error:` line (configurator.py), before anything is created
@@ -160,22 +161,26 @@ def fit_ppots():
         sampler = restore_sampler(state[0])
     if master:
         tqdm.write(f"iter {iter_num}: P-POTS {describe_fit(sampler)}")
+        ratio, optimum = second_moments(sampler)
+        append_log(log_path, {"iter": iter_num, "ppots": dict(
+            fit=sampler.fit, params=sampler.params, ratio=ratio, optimum=optimum)})
 
 
 def evaluate():
     """Rank 0: the val ELBO and, for synthetic tasks, held-out exact match; one log record."""
-    val_nats = val_elbo(eval_model, dataset, batch_size, eval_iters, device, ctx)
+    val_nats, val_se = val_elbo(eval_model, dataset, batch_size, eval_iters, device, ctx)
     model.train()
     if not math.isfinite(val_nats):
         raise ValueError(f"iteration {iter_num}: the val ELBO is {val_nats}; nothing was saved")
-    record = {"iter": iter_num, "val_nats": val_nats, "val_bits": val_nats / math.log(2)}
+    record = {"iter": iter_num, "val_nats": val_nats, "val_bits": val_nats / math.log(2),
+              "val_se_nats": val_se}
     if hasattr(dataset, "prompts"):
         n = eval_problems if iter_num == max_iters else eval_problems_mid or eval_problems
         record.update(acc=accuracy(eval_model, dataset, n), problems=n)
     append_log(log_path, record)
     acc = f" | held-out exact match {record['acc']:.3f}" if "acc" in record else ""
-    tqdm.write(f"iter {iter_num}: val {val_nats:.4f} nats/token = {record['val_bits']:.4f} "
-               f"bits/token{acc}")
+    tqdm.write(f"iter {iter_num}: val {val_nats:.4f} ± {val_se:.4f} nats/token = "
+               f"{record['val_bits']:.4f} bits/token{acc}")
 
 
 def log_variance():
