@@ -2,7 +2,7 @@
 the host syncs per step; one-off costs and generation speed.
 
     python -m lab.bench                        # train.py's default model and batch, best device
-    python -m lab.bench --blocks=20 --block_steps=50
+    python -m lab.bench --blocks=30 --variants=floor,standard,MIRROR  # the targets' ratios only
     python -m lab.bench --task=text --data_path=data/tinyshakespeare.txt --block_size=64 \
                         --batch_size=32
     python -m lab.bench --gpu_check            # the GPU check of docs/scaling.md (needs CUDA)
@@ -59,6 +59,7 @@ variance_interval = 200  # train.py's variance logging: max_iters / variance_int
 warmup = 50
 blocks = 10
 block_steps = 100
+variants = "floor,staged,standard,MIRROR,pair,P-POTS"  # those timed (fewer: shorter rounds)
 gen_rows = 64  # prompts per generation call
 seed = 1337
 device = ""  # '' = auto: cuda > mps > cpu
@@ -72,6 +73,11 @@ check_ranges(config, {"warmup": (1, None), "blocks": (3, None), "block_steps": (
                       "variance_interval": (1, None), "n_layer": (1, None), "n_head": (1, None),
                       "n_embd": (1, None), "num_digits": (1, None)})
 check_shape(n_layer, n_head, n_embd)
+VARIANTS = ("floor", "staged", "standard", "MIRROR", "pair", "P-POTS")
+chosen = [v.strip() for v in variants.split(",") if v.strip()]
+if "standard" not in chosen or not set(chosen) <= set(VARIANTS) or len(set(chosen)) < len(chosen):
+    raise ValueError(f"--variants={variants!r}: name standard (the one-offs' reference) and any "
+                     f"of {', '.join(VARIANTS)}, each at most once")
 if compile not in ("", "default", "reduce-overhead"):
     raise ValueError(f"--compile={compile!r}: use '' (eager), 'default' or 'reduce-overhead'")
 device, device_type, ptdtype, ctx = device_and_dtype(device, dtype)
@@ -220,10 +226,12 @@ def bench():
     curve = measure_curve(model, dataset, generator=torch.Generator().manual_seed(seed))
     ppots = PPOTS(curve["t"], curve["m"].sqrt())
     model.train()
-    variants = {"floor": floor_variant(), "staged": staged_variant(),
-                "standard": loop_variant("standard", uniform),
-                "MIRROR": loop_variant("mirror", uniform), "pair": loop_variant("pair", uniform),
-                "P-POTS": loop_variant("standard", ppots)}
+    make = {"floor": floor_variant, "staged": staged_variant,
+            "standard": lambda: loop_variant("standard", uniform),
+            "MIRROR": lambda: loop_variant("mirror", uniform),
+            "pair": lambda: loop_variant("pair", uniform),
+            "P-POTS": lambda: loop_variant("standard", ppots)}
+    variants = {name: make[name]() for name in VARIANTS if name in chosen}
     print(f"bench: {device} ({str(ptdtype)[6:]}{', compile ' + compile if compile else ''}), "
           f"task={task}, {n_layer}x{n_embd} ({model.num_params() / 1e6:.2f}M parameters), batch "
           f"{batch_size} x {dataset.seq_len} tokens, {torch.get_num_threads()} CPU threads; "
@@ -235,7 +243,7 @@ def bench():
         print(f"{name:<12}{mean[name] * 1e3:9.3f}{tokens / mean[name]:12,.0f}"
               f"{syncs_per_step(fn):12.2f}")
     print(f"\n{'ratio':<22}{'mean [95 % CI over rounds]':>28}")
-    for a, b, target in COMPARISONS:
+    for a, b, target in (c for c in COMPARISONS if c[0] in times and c[1] in times):
         r = ratio(times, a, b)
         met = f"   target <= {target}: {'met' if r['hi'] <= target else 'not met'}" if target else ""
         print(f"{a + ' / ' + b:<22}{r['est']:>10.3f} [{r['lo']:.3f}, {r['hi']:.3f}]{met}")

@@ -21,9 +21,9 @@ CPU cores:
                the last step, no warmup, clip 1.0; P-POTS fitted at SFT step 0
                (ppots_fit_iter=0) on the pretrained model;
   evaluation   held-out exact match (greedy) on the same EVAL_PROBLEMS = 1,024 problems, never
-               in the set, at step 157 (1/2, not lr-decayed: the rate is still half its peak) and
-               at 313, the end of the schedule (primary). Each evaluation costs about as much as
-               the 157 training steps before it: the budget has no room for 1/4 and 3/4.
+               in the set, at steps 79, 158 and 237 (1/4, 1/2, 3/4) and at 313, the end of the
+               schedule (primary). The claims are compared at 1/2 (not lr-decayed: the rate is
+               still half its peak) and at the end; 1/4 and 3/4 are points of the curve.
 Arms (B = 32 clean rows per step), by default (ARMS): Standard; Standard-2x (2B clean rows: the
 compute control of the paper's protocol); MIRROR-paper, pair-paper, P-POTS+MIRROR-paper (B clean
 rows, 2B forward rows: the paper's protocol); P-POTS (unbiased, t on [0, 1]); P-POTS+MIRROR (B/2
@@ -86,7 +86,7 @@ METHODS = {
 PAPER = ("MIRROR-paper", "pair-paper", "P-POTS+MIRROR-paper")
 ARMS = ("Standard", "Standard-2x", "MIRROR-paper", "pair-paper", "P-POTS", "P-POTS+MIRROR-paper",
         "P-POTS+MIRROR")  # the default arms; --methods=all runs every row of METHODS
-CURVES = ("Standard", "Standard-2x", "MIRROR-paper", "P-POTS+MIRROR-paper", "P-POTS+MIRROR")
+CURVES = ("Standard", "Standard-2x", "P-POTS+MIRROR-paper", "P-POTS+MIRROR")  # primary arms
 TRAIN_SIZE = 2000
 STEPS = 313  # 313 x 32 / 2,000 = 5.0 epochs
 EVAL_PROBLEMS = 1024  # every evaluation, the curve's included: the same problems
@@ -109,12 +109,12 @@ QUICK = dict(seeds=2, max_iters=40, out="results_sft_quick",
 
 
 def schedule(it):
-    """Evaluated at ceil(it / 2) and at the end (313: 157 and 313), each time on the final
-    evaluation's problems when eval_problems_mid = eval_problems: the two points the study
-    compares. The figure's step 0, the pretrained model's accuracy, is the same for every run of a
-    model type and is measured once, by report(). No variance logging: the step-0 variance of
-    every arm is measured once, by report()."""
-    return [f"--eval_interval={-(-it // 2)}", "--eval_at_start=False"]
+    """Evaluated every ceil(it / 4) steps and at the end (313: 79, 158, 237 and 313), each time on
+    the final evaluation's problems when eval_problems_mid = eval_problems; the study compares
+    the points nearest 1/2 and the end (SFT.points). The figure's step 0, the pretrained model's
+    accuracy, is the same for every run of a model type and is measured once, by report(). No
+    variance logging: the step-0 variance of every arm is measured once, by report()."""
+    return [f"--eval_interval={-(-it // 4)}", "--eval_at_start=False"]
 
 
 def pretrain_flags(cfg, kind):
@@ -258,7 +258,7 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
 def report(cfg, summary, jobs):
     """variance.md (variance_vs_outcome, and the pretrained models' accuracy: the ARM's is the
     reference line), curves.json and curves.png (accuracy against step and forward rows, mean and
-    a band of ± 1 std over seeds, the arms of CURVES that ran)."""
+    a band of ± 1 std over seeds (ddof 1, as in table.md), the arms of CURVES that ran)."""
     text, rows = variance_vs_outcome(cfg, summary, jobs)
     acc0 = step0_accuracy(cfg, jobs[0]["conf"])
     n = jobs[0]["conf"]["eval_problems"]
@@ -280,7 +280,8 @@ def report(cfg, summary, jobs):
             its = [it for it, _ in start + recs[0]["curve"]]
             acc = np.array([[a for _, a in start + r["curve"]] for r in recs])
             arms[arm] = dict(iters=its, rows=[it * per_step for it in its], seeds=len(recs),
-                             mean=acc.mean(0).tolist(), std=acc.std(0).tolist())
+                             mean=acc.mean(0).tolist(),
+                             std=acc.std(0, ddof=1 if len(recs) > 1 else 0).tolist())
     curves = dict(arms=arms, note=f"the pretrained ARM, before SFT: {acc0['arm']:.3f} "
                                   f"(a reference, not drawn)")
     with open(os.path.join(cfg["out"], "curves.json"), "w") as f:

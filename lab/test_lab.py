@@ -74,6 +74,7 @@ BAD_LAB = [  # (module, flags after --out_dir or the like, words); in-process, a
     ("lab.variance_table", ["--n_boot=0"], "n_boot"), ("lab.bench", ["--blocks=1"], "blocks"),
     ("lab.bench", ["--batch_size=1"], "batch_size"), ("lab.bench", ["--device=tpu"], "device"),
     ("lab.bench", ["--block_steps=0"], "block_steps"), ("lab.bench", ["--compile=max"], "compile"),
+    ("lab.bench", ["--variants=floor,MIRROR"], "variants"),
     ("lab.bench", ["--n_embd=2000000", "--n_head=1"], "n_embd"), ("lab.bench", ["--gpu_check=True"], "CUDA")
     if not torch.cuda.is_available() else ("lab.bench", ["--warmup=0"], "warmup"),
     ("lab.variance_table", ["--n_t=1"], "n_t"), ("lab.variance_table", ["--n_batches=0"], "n_batches"),
@@ -814,13 +815,16 @@ def test_tiny_sft_study_writes_every_arm_and_its_step0_variance(tmp_path, monkey
 
 def test_sft_defaults_are_the_5_epoch_study(tmp_path, monkeypatch):
     """The default arms, 313 steps of 32 rows (5.0 epochs of 2,000), evaluated on the same 1,024
-    problems at 157 and 313; --methods=all stands for every row of METHODS."""
+    problems at 1/4, 1/2, 3/4 and the end (79, 158, 237, 313); --methods=all stands for every row
+    of METHODS."""
     cfg = study.parse(reproduce_sft.SFT, [f"--out={tmp_path}"])
     jobs = study.plan(reproduce_sft.SFT, cfg)
     assert cfg["methods"] == list(reproduce_sft.ARMS) and "ARM" not in cfg["methods"]
     conf = next(j["conf"] for j in jobs if j["method"] == "Standard")
     assert conf["max_iters"] * conf["batch_size"] / conf["train_size"] == pytest.approx(5.0, abs=0.01)
-    assert conf["eval_problems"] == conf["eval_problems_mid"] == 1024 and conf["eval_interval"] == 157
+    assert conf["eval_problems"] == conf["eval_problems_mid"] == 1024 and not conf["eval_at_start"]
+    evals = [i for i in range(1, conf["max_iters"]) if i % conf["eval_interval"] == 0] + [conf["max_iters"]]
+    assert evals == [79, 158, 237, 313] and reproduce_sft.SFT.points == (0.5, 1.0)
     assert conf["lr_schedule"] == "linear" and conf["min_lr"] == 0 and conf["ppots_fit_iter"] == 0
     seen = []
     monkeypatch.setattr(study, "main", lambda s, argv: seen.append(argv) or 0)
