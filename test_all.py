@@ -11,7 +11,8 @@ What it checks, section by section:
 - data and generation: held-out problems never appear in training; generation fills every mask
   and keeps the prompt; an ARM decodes left to right.
 - training end to end: tiny MDM, ARM, P-POTS + MIRROR and text runs lower the val ELBO and write
-  their outputs; resume is bit-exact (also with every supplementary method on).
+  their outputs; resume is bit-exact (also with every supplementary method on); eval_batch_size
+  pins the val ELBO's rows whatever the batch; the val ELBO's masking error covers its spread.
 - bad input: one `error:` line and no traceback from train.py and sample.py; a table of ~40 bad
   train.py flags (and sample.py's), each refused before out_dir changes (byte for byte); config
   files with syntax errors; out_dir a file or empty; a checkpoint without its config; a missing
@@ -278,6 +279,17 @@ def test_val_elbo_error_matches_its_spread_over_mask_draws():
     assert sample.val_elbo(model, task, 16, 2, "cpu", ctx) == sample.val_elbo(model, task, 16, 2, "cpu", ctx)
     arm = Transformer(ModelConfig(block_size=9, n_layer=1, n_head=2, n_embd=16, causal=True))
     assert sample.val_elbo(arm, task, 16, 2, "cpu", ctx)[1] == 0.0
+
+
+@pytest.mark.e2e
+def test_eval_batch_size_pins_the_val_rows_whatever_the_batch(tmp_path):
+    """Two runs of the same seed (the same init), one with twice the batch: at iteration 0 their
+    val ELBOs differ unless eval_batch_size pins the val rows, and then they are equal."""
+    def elbo(name, *flags):
+        run("train.py", f"--out_dir={tmp_path / name}", "--max_iters=0", *TINY, *flags)
+        return read_log(tmp_path / name)[0]["val_nats"]
+    base = elbo("a", "--batch_size=16")
+    assert elbo("b", "--batch_size=32", "--eval_batch_size=16") == base != elbo("c", "--batch_size=32")
 
 
 @pytest.mark.e2e

@@ -168,7 +168,8 @@ def fit_ppots():
 
 def evaluate():
     """Rank 0: the val ELBO and, for synthetic tasks, held-out exact match; one log record."""
-    val_nats, val_se = val_elbo(eval_model, dataset, batch_size, eval_iters, device, ctx)
+    val_nats, val_se = val_elbo(eval_model, dataset, eval_batch_size or batch_size, eval_iters,
+                               device, ctx)
     model.train()
     if not math.isfinite(val_nats):
         raise ValueError(f"iteration {iter_num}: the val ELBO is {val_nats}; nothing was saved")
@@ -187,7 +188,7 @@ def log_variance():
     """Rank 0: A, B, C of the loss and of the gradient on the current model (variance.measure)."""
     start, g = time.time(), torch.Generator().manual_seed(seed + iter_num)
     kw = dict(n_t=variance_n_t, n_masks=variance_n_masks, generator=g, batch_size=rows,
-              n_batches=16)
+              n_batches=variance_n_batches)
     res = {"iter": iter_num,
            "loss": variance.measure(model, dataset, sampler, spec, variance_n_x0, target="loss",
                                     **kw),
@@ -278,7 +279,7 @@ if master:  # plots, text samples, and the one-line summary
     final = [json.loads(line) for line in open(log_path) if "val_bits" in line][-1]
     acc = f" | held-out exact match {final['acc']:.3f} ({eval_problems} problems)" \
         if "acc" in final else ""
-    if task == "text":  # show what the model writes
+    if task == "text" and sample_length:  # show what the model writes
         note = dataset.prompt_ids("", model.config.causal)[1]
         if note:
             print(f"note: {note}")

@@ -21,6 +21,9 @@ _BEFORE = set(vars())  # the options are the globals assigned from here to OPTIO
 out_dir = "out"
 eval_interval = 200
 eval_iters = 4  # val batches for the ELBO
+# val rows per ELBO batch (0 = batch_size): pin it so that runs of different batch sizes score
+# the same val rows at the same rates
+eval_batch_size = 0
 eval_problems = 512  # held-out prompts for exact-match accuracy (synthetic tasks), last evaluation
 eval_problems_mid = 0  # the same at the evaluations before the last (0 = eval_problems)
 eval_at_start = True  # evaluate before the first step of a fresh run (iteration 0)
@@ -80,6 +83,7 @@ variance_n_x0 = 16
 variance_n_t = 4
 variance_n_masks = 2
 variance_grad_n_x0 = 4
+variance_n_batches = 16  # training batches for batch_var, the variance of a batch's mean loss
 # optimiser: AdamW, linear warmup then cosine (lr_schedule) decay to min_lr
 learning_rate = 2e-3
 max_iters = 1000
@@ -103,14 +107,14 @@ OPTIONS = [k for k in vars() if k not in _BEFORE and k != "_BEFORE"]
 RANGES = {
     "seed": (0, None), "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_iters": (0, None),
     "eval_interval": (1, None), "eval_iters": (1, None), "eval_problems": (1, None),
-    "eval_problems_mid": (0, None), "log_interval": (1, None), "num_digits": (1, None),
+    "eval_batch_size": (0, None), "eval_problems_mid": (0, None), "log_interval": (1, None), "num_digits": (1, None),
     "n_layer": (1, None), "n_head": (1, None), "n_embd": (1, None), "dropout": (0.0, 0.99),
     "warmup_iters": (0, None), "lr_decay_iters": (0, None), "min_lr": (0.0, None),
     "weight_decay": (0.0, None), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999),
     "grad_clip": (0.0, None), "ppots_fit_iter": (0, None), "ppots_refit_every": (0, None),
     "cv_bins": (0, None), "variance_interval": (0, None), "variance_n_x0": (2, None),
     "variance_n_t": (2, None), "variance_n_masks": (2, None), "variance_grad_n_x0": (2, None),
-    "sample_length": (0, None), "sample_block_length": (1, None), "train_size": (0, None)}
+    "variance_n_batches": (2, None), "sample_length": (0, None), "sample_block_length": (1, None), "train_size": (0, None)}
 CHOICES = {"model_type": ("mdm", "arm"), "t_sampler": SAMPLERS, "masking": MODES,
            "ppots_fit": ("epr", "none"), "ppots_support": ("full", "grid"),
            "lr_schedule": ("cosine", "linear"), "isad_tokens": ("none", "default", "first")}

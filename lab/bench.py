@@ -247,14 +247,20 @@ def bench():
         r = ratio(times, a, b)
         met = f"   target <= {target}: {'met' if r['hi'] <= target else 'not met'}" if target else ""
         print(f"{a + ' / ' + b:<22}{r['est']:>10.3f} [{r['lo']:.3f}, {r['hi']:.3f}]{met}")
-    draw = {s.name: one_off(lambda s=s: s.sample(batch_size), 200) for s in (uniform, ppots)}
+    x0, eligible = dataset.batch(batch_size, "train", gen)
+    t = uniform.sample(batch_size)[0]
+    draw = {f"{s.name}.sample({batch_size})": one_off(lambda s=s: s.sample(batch_size), 200)
+            for s in (uniform, ppots)}
+    draw[f"{task} batch({batch_size}) on the CPU"] = one_off(
+        lambda: dataset.batch(batch_size, "train", gen), 200)
+    draw[f"draw_masks({batch_size} rows) on the CPU"] = one_off(lambda: draw_masks(eligible, t), 200)
     variance_seconds = one_off(lambda: log_variance(uniform))
     run = max_iters * mean["standard"]
     calls = max_iters // variance_interval + 1
     print(f"\n{'one-offs':<36}{'ms/call':>10}")
     for name, seconds in draw.items():
-        print(f"{name + f'.sample({batch_size})':<36}{seconds * 1e3:10.4g}   "
-              f"{seconds / mean['standard']:.2%} of a standard step")
+        print(f"{name:<36}{seconds * 1e3:10.4g}   {seconds / mean['standard']:.2%} of a standard "
+              f"step")
     print(f"{'variance logging (loss + grad)':<36}{variance_seconds * 1e3:10.4g}   x {calls} calls = "
           f"{calls * variance_seconds / run:.1%} of a {max_iters}-step run (target <= 10%)")
     print("(P-POTS's one-off measure + fit: python -m lab.ppots_cost)")

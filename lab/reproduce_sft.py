@@ -60,9 +60,9 @@ from data import task_from_checkpoint
 from finetune import training_set
 from masking import clean_rows, mask_spec_from_config
 from sample import accuracy
-from lab import plots, study
+from lab import plots, record, study
 from lab.stats import fmt_diff
-from lab.variance_table import bootstrap_x0
+from lab.variance_table import versus_baseline
 from samplers import build_ppots, make_sampler, sampler_from_state
 from variance import measure
 
@@ -209,18 +209,7 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
     """The step-0 gradient variance of every arm beside its accuracy difference to Standard at the
     end of the schedule: a markdown table (also returned as rows of JSON types)."""
     draws, rows = step0_variance(cfg, jobs, **STEP0)
-
-    def stat(comps, idx):
-        out = {}
-        for arm, c in comps.items():
-            out.update({(arm, k): c[k] for k in ("A", "B", "C", "total")})
-            out[arm, "batch"] = c["total"] / rows[arm]  # i.i.d. rows: the batch mean's variance
-        base = out.get(("Standard", "batch"))
-        for arm in comps:
-            if base:
-                out[arm, "ratio"] = out[arm, "batch"] / base
-        return out
-    ci = bootstrap_x0(stat, draws, n_boot)
+    ci = versus_baseline(draws, rows, "Standard", n_boot)
     diffs = {c["method"]: c for c in summary["comparisons"]
              if c["ref"] == "Standard" and c["iter"] == summary["iters"][-1]}
     cell = lambda c: f"{c['est']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}]"
@@ -235,7 +224,7 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
             fmt_diff(d) if d else "—"]) + " |")
         out.append(dict(arm=arm, rows=rows[arm], **{k: ci[arm, k] for k in
                                                      ("A", "B", "C", "total", "batch")},
-                        acc_mean=summary["methods"][arm]["acc_mean"]))
+                        acc_mean=summary["methods"][arm]["mean"]))
     ranked = [r for r in out if r["acc_mean"] is not None]
     if len(ranked) >= 3:
         rank = lambda v: np.argsort(np.argsort(v))
@@ -270,23 +259,13 @@ def report(cfg, summary, jobs):
     with open(os.path.join(cfg["out"], "variance.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(text)
-    arms = {}
-    for arm in (a for a in CURVES if a in cfg["methods"]):
-        recs = [j["record"] for j in jobs if j["method"] == arm and j["record"]["status"] == "ok"]
-        conf = next(j["conf"] for j in jobs if j["method"] == arm)
-        per_step = study.forward_rows(conf, 0)[0] / conf["max_iters"]
-        if recs:  # step 0 from step0_accuracy, unless the runs evaluated it themselves
-            start = [] if recs[0]["curve"][0][0] == 0 else [(0, acc0[conf["model_type"]])]
-            its = [it for it, _ in start + recs[0]["curve"]]
-            acc = np.array([[a for _, a in start + r["curve"]] for r in recs])
-            arms[arm] = dict(iters=its, rows=[it * per_step for it in its], seeds=len(recs),
-                             mean=acc.mean(0).tolist(),
-                             std=acc.std(0, ddof=1 if len(recs) > 1 else 0).tolist())
+    arms = record.curves(jobs, [a for a in CURVES if a in cfg["methods"]],
+                        start=lambda conf: [(0, acc0[conf["model_type"]])])
     curves = dict(arms=arms, note=f"the pretrained ARM, before SFT: {acc0['arm']:.3f} "
                                   f"(a reference, not drawn)")
     with open(os.path.join(cfg["out"], "curves.json"), "w") as f:
         json.dump(curves, f, indent=1)
-    plots.plot_sft_curves(curves, os.path.join(cfg["out"], "curves.png"))
+    plots.plot_curves(curves, os.path.join(cfg["out"], "curves.png"))
 
 
 SFT = study.Study(

@@ -14,55 +14,49 @@ anything is written.
 Runs. Each (method, seed) is one `python train.py` in <out>/runs/<method>_s<seed>, up to --jobs at
 once, with --threads torch threads each (0: max(1, cores // jobs)). A run that exits non-zero, has
 no final evaluation in its log.jsonl, or logs a non-finite loss, gradient norm, val ELBO or accuracy
-is FAILED: recorded with its reason, shown as FAILED (never as an accuracy), left out of the
+is FAILED: recorded with its reason, shown as FAILED (never as a score), left out of the
 comparisons, and retried on the next call (a failure can be transient); the study goes on and exits
 1 after writing the table. <out>/runs.jsonl holds one fsynced line per finished run, written by
 this process only, under a signature of its exact train.py flags: a study resumes (a torn last line
 is dropped), a changed budget reuses nothing (after changing the code, use a fresh --out). The
 thread count is not in the signature; it changes float rounding, which training can amplify, so
 pin --threads for bit-identical runs under different --jobs (on one CPU kind and torch build:
-another CPU kind rounds differently too). A run's record keeps its final accuracy and its number
-of problems, val ELBO and variance components, the fraction of clipped steps (clip_frac), the
-accuracy of every evaluation (curve) with its number of problems (curve_problems) and the last
-logged epoch (epochs), when train.py logs them; a record cached before a field existed shows it
-as "—".
+another CPU kind rounds differently too). A run is scored by the study's Metric and
+read into its record by record.py.
 
 Comparisons (table.py, stats.py). Each row is compared with the baseline, a row with a compute
 control also with that control, and every pair of the study's primary family, at each of the
 study's points (the evaluated iteration nearest to each fraction of max_iters), paired by seed
 over the seeds where both runs have a value there (what a seed holds fixed across arms: the
-study's pairing sentence): the difference of mean accuracy with its 95 % bootstrap CI and paired
+study's pairing sentence): the difference of mean scores with its 95 % bootstrap CI and paired
 permutation p, and the ratio of seed stds with its CI and paired permutation p. Holm adjusts the p
 within three families (the primary pairs x points x both claims; the other differences; the other
 std ratios), and a difference is called only when its CI and its adjusted p agree (stats.verdict);
 a std ratio that the bounds of accuracy decide is 'at ceiling' or 'at floor'. For the primary pairs
-the paper's claims, mean up and seed std down, are read the same way; "the best baseline run stays
-below our worst run" is a plain min/max. Under the comparisons: the std test's power at the
-study's n. Output: <out>/table.md, table.png and summary.json (the table's numbers,
-machine-readable), then whatever the study's report writes.
+the paper's claims, a better mean (up for accuracy, down for the val ELBO) and seed std down, are
+read the same way; "the best baseline run is worse than our worst run" is a plain min/max. Under
+the comparisons: the std test's power at the study's n. Output: <out>/table.md, table.png and
+summary.json (the table's numbers, machine-readable), then whatever the study's report writes.
 """
 import hashlib
 import json
-import math
 import os
 import shlex
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import numpy as np
 from tqdm import tqdm
 
 import train_config
 from configurator import configure
 from lab import plots, table
-from masking import clean_rows
+from lab.record import ACCURACY, Metric, at, final_result, forward_rows, mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py's folder
-FINITE = ("loss", "grad_norm", "val_nats", "val_bits", "acc")  # log.jsonl values a result needs
 
 
 @dataclass(frozen=True)
@@ -83,6 +77,7 @@ class Study:
     notes: str = ""                                 # the table's closing footnote
     prepare: Callable | None = None  # prepare(cfg, jobs): after planning, before any run
     report: Callable | None = None   # report(cfg, summary, jobs): after table.md, summary.json
+    metric: Metric = ACCURACY        # what a run is scored by
 
 
 def parse(study, argv):
@@ -158,23 +153,11 @@ def plan(study, cfg):
                 conf = run_config(flags)
             except ValueError as e:
                 raise ValueError(f"{method}: train.py flags: {e}") from None
-            if conf["task"] == "text":
-                raise ValueError("a study scores held-out exact match: use --task=sort or add")
+            if conf["task"] == "text" and study.metric.key == "acc":
+                raise ValueError("this study scores held-out exact match: use a synthetic task")
             jobs.append(dict(method=method, seed=seed, flags=flags, sig=signature(flags),
                              conf=conf))
     return jobs
-
-
-def forward_rows(conf, curve_rows):
-    """(training, P-POTS curve) forward rows of a run with train.py config `conf`: max_iters x
-    clean_rows x views (2 for mirror/pair); one curve of curve_rows per P-POTS measurement (a refit
-    measures again unless online)."""
-    views = 2 if conf["masking"] in ("mirror", "pair") and conf["model_type"] == "mdm" else 1
-    every = 0 if conf["ppots_online"] else conf["ppots_refit_every"]
-    fits = len(range(conf["ppots_fit_iter"], conf["max_iters"], every or max(1, conf["max_iters"])))
-    fits *= conf["t_sampler"] == "ppots"
-    rows = clean_rows(conf["batch_size"], conf["masking"], conf["matched_compute"])
-    return conf["max_iters"] * rows * views, fits * curve_rows * views
 
 
 def load_runs(path):
@@ -209,42 +192,13 @@ def append_run(path, rec):
         os.fsync(f.fileno())
 
 
-def final_result(out_dir, returncode, max_iters):
-    """A finished run's metrics from its log.jsonl; ValueError(why) if the run is not a result."""
-    if returncode:
-        lines = open(os.path.join(out_dir, "stdout.txt")).read().strip().splitlines()
-        last = lines[-1].removeprefix("error: ") if lines else "(no output)"
-        raise ValueError(f"train.py exited with status {returncode}: {last}")
-    try:
-        log = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    except (OSError, ValueError) as e:
-        raise ValueError(f"log.jsonl unreadable: {e}") from None
-    for r in log:
-        for key in FINITE:
-            if key in r and not (isinstance(r[key], (int, float)) and math.isfinite(r[key])):
-                raise ValueError(f"non-finite {key} ({r[key]}) at iteration {r.get('iter')}")
-    final = [r for r in log if "val_bits" in r and "acc" in r and r["iter"] == max_iters]
-    if not final:
-        raise ValueError(f"log.jsonl has no final evaluation with accuracy (iteration {max_iters})")
-    var = [r["variance"] for r in log if "variance" in r and r["iter"] == max_iters]
-    abc = {f"{t}_{k}": var[-1][t][k] if var else None for t in ("loss", "grad") for k in "ABC"}
-    epochs = [r["epoch"] for r in log if "epoch" in r]
-    evals = [r for r in log if "acc" in r]
-    return dict(iter=max_iters, acc=final[-1]["acc"], problems=final[-1].get("problems"),
-                val_bits=final[-1]["val_bits"], **abc,
-                clip_frac=mean(r["clip_frac"] for r in log if "clip_frac" in r),
-                epochs=epochs[-1] if epochs else None,
-                curve=[[r["iter"], r["acc"]] for r in evals],
-                curve_problems=[r.get("problems") for r in evals])
-
-
 def run_dir(cfg, method, seed):
     return os.path.abspath(os.path.join(cfg["out"], "runs", f"{method}_s{seed}"))
 
 
-def run(cfg, job, threads):
+def run(cfg, job, threads, metric=ACCURACY):
     """Train one (method, seed) in a subprocess with `threads` torch threads; its record, status
-    'ok' with the final metrics or 'failed' with the reason."""
+    'ok' with the final metrics (final_result) or 'failed' with the reason."""
     out_dir = run_dir(cfg, job["method"], job["seed"])
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -256,14 +210,9 @@ def run(cfg, job, threads):
                threads=threads, seconds=time.time() - start)
     try:
         return dict(rec, status="ok",
-                    **final_result(out_dir, proc.returncode, job["conf"]["max_iters"]))
+                    **final_result(out_dir, proc.returncode, job["conf"]["max_iters"], metric))
     except ValueError as e:
         return dict(rec, status="failed", reason=str(e))
-
-
-def mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 def evaluated(study, cfg, jobs):
@@ -277,25 +226,11 @@ def evaluated(study, cfg, jobs):
     return sorted({min(done, key=lambda i: (abs(i - f * it), -i)) for f in study.points})
 
 
-def at(rec, it):
-    """(accuracy, problems) of a run record at evaluated iteration `it`; (None, None) for a failed
-    run or one not evaluated there; problems None where the record predates it."""
-    if rec["status"] != "ok":
-        return None, None
-    if it == rec["iter"]:
-        return rec["acc"], rec.get("problems")
-    curve, problems = rec.get("curve", []), rec.get("curve_problems")
-    found = [k for k, (i, _) in enumerate(curve) if i == it]
-    if not found:
-        return None, None
-    return curve[found[-1]][1], problems[found[-1]] if problems else None
-
-
 def summarise(study, cfg, jobs):
     """Everything table.md and table.png show, as JSON types (None: failed or not measured):
     config, iters (study.points as evaluated iterations), methods (per method: the final point's
     numbers at the top level, every point under points[str(iter)]), comparisons (table.compare,
-    judged by table.judge) and std_power (table.power)."""
+    judged by table.judge), std_power (table.power) and metric (the Study's, as a dict)."""
     iters = evaluated(study, cfg, jobs)
     methods = {}
     for m in cfg["methods"]:
@@ -303,7 +238,8 @@ def summarise(study, cfg, jobs):
         ok = [r for r in recs if r["status"] == "ok"]
         conf = next(j["conf"] for j in jobs if j["method"] == m)
         train_rows, curve_rows = forward_rows(conf, study.curve_rows)
-        points = {str(it): table.arm(*zip(*(at(r, it) for r in recs))) for it in iters}
+        points = {str(it): table.arm(*zip(*(at(r, it, study.metric) for r in recs)),
+                                     bounded=study.metric.bounded) for it in iters}
         methods[m] = dict(
             seeds=[r["seed"] for r in recs],
             failed=[dict(seed=r["seed"], reason=r["reason"]) for r in recs if r["status"] != "ok"],
@@ -315,12 +251,13 @@ def summarise(study, cfg, jobs):
     for m in methods:  # the baseline, the compute control, the primary refs: in this order, once
         refs = (study.baseline, study.controls.get(m), *(r for o, r in study.primary if o == m))
         pairs += [(m, r) for r in dict.fromkeys(refs) if r in methods and r != m]
-    comparisons = [dict(method=m, ref=r, **table.compare(methods[m], methods[r], it))
+    comparisons = [dict(method=m, ref=r, **table.compare(methods[m], methods[r], it,
+                                                         study.metric.bounded))
                    for it in iters for m, r in pairs]
-    table.judge(comparisons, methods, study.primary)
+    table.judge(comparisons, methods, study.primary, study.metric.lower_is_better)
     config = {k: cfg[k] for k in ("methods", "seeds", "max_iters", "task_args", "train_args")}
     return dict(config=config, iters=iters, methods=methods, comparisons=comparisons,
-                std_power=table.power(comparisons))
+                std_power=table.power(comparisons), metric=asdict(study.metric))
 
 
 def main(study, argv):
@@ -343,12 +280,13 @@ def main(study, argv):
           f"({cfg['jobs']} at a time, {threads} torch threads each)")
     pool = ThreadPoolExecutor(cfg["jobs"])
     try:
-        futures = {pool.submit(run, cfg, j, threads): j for j in todo}
+        futures = {pool.submit(run, cfg, j, threads, study.metric): j for j in todo}
         for future in tqdm(as_completed(futures), total=len(todo), desc="runs", dynamic_ncols=True):
             rec = futures[future]["record"] = future.result()
             append_run(db_path, rec)  # this thread only: one line per finished run
+            key, f = study.metric.key, study.metric.fmt
             tqdm.write(f"{rec['method']} seed {rec['seed']}: " + (
-                f"acc {rec['acc']:.3f}, val {rec['val_bits']:.4f} bits/token, {rec['seconds']:.0f}s"
+                f"{key} {rec[key]:{f}}, val {rec['val_bits']:.4f} bits/token, {rec['seconds']:.0f}s"
                 if rec["status"] == "ok" else f"FAILED: {rec['reason']}"))
     finally:
         pool.shutdown(cancel_futures=True)  # on Ctrl-C no queued run starts

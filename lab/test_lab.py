@@ -32,6 +32,10 @@ What it checks, section by section:
 - lab.plots: each figure (with the root's plot_ppots and plot_variance) writes a PNG.
 - lab.reproduce_sft: a tiny SFT study writes every arm's row and its step-0 variance; pretraining is
   reused only under the same flags.
+- lab.reproduce_text: a tiny text study writes every arm's row, its end-of-run variance, every
+  P-POTS fit and the figure; its defaults pin the val rows across batch sizes and refit P-POTS;
+  under the val ELBO lower is the better claim and the eval SE is the runs' RMS error; the primary
+  pairs' per-step loss variance is paired by seed and Holm-corrected.
 Statistical checks use fixed seeds and tolerances derived from the Monte Carlo standard error."""
 import dataclasses
 import json
@@ -47,7 +51,7 @@ import pytest
 import torch
 
 import figures
-from lab import plots, reproduce, reproduce_sft, retable, stats, study
+from lab import plots, record, reproduce, reproduce_sft, reproduce_text, retable, stats, study
 from lab.table import write_table
 from lab.variance_table import bootstrap_x0
 from samplers import PPOTS
@@ -100,7 +104,7 @@ def test_plots_check_every_input_before_writing_a_file(finished_run, tmp_path):
     for summary, words in (("{}", "not a study's summary.json"), ("not json", "cannot be read as JSON")):
         (study / "summary.json").write_text(summary)
         with pytest.raises(ValueError, match=words):
-            run_inproc("lab.plots", f"--run={finished_run}", f"--study={study}", "--sft=", f"--ckpt={finished_run}",
+            run_inproc("lab.plots", f"--run={finished_run}", f"--study={study}", "--sft=", "--text=", f"--ckpt={finished_run}",
                        f"--assets={tmp_path / 'assets'}")
         assert not (tmp_path / "assets").exists()
 
@@ -189,7 +193,8 @@ def test_bench_prints_every_figure_and_counts_no_sync_in_any_step():
         ms, tokens_per_s, syncs = next(ln for ln in lines if ln.split()[:1] == [label]).split()[1:]
         assert float(ms) > 0 and float(tokens_per_s.replace(",", "")) > 0 and float(syncs) == 0, label
     for label in ("staged / floor", "standard / floor", "MIRROR / standard", "uniform.sample(16)",
-                  "ppots.sample(16)", "variance logging (loss + grad)", "1 step", "4 steps"):
+                  "ppots.sample(16)", "sort batch(16) on the CPU", "draw_masks(16 rows) on the CPU",
+                  "variance logging (loss + grad)", "1 step", "4 steps"):
         line = next(ln for ln in lines if ln.startswith(label))
         assert float(line[len(label):].split()[0].replace(",", "")) > 0, line
     assert re.search(r"standard / floor +[\d.]+ \[[\d.]+, [\d.]+\] +target <= 1.05: (not )?met", out)
@@ -467,13 +472,13 @@ def test_tiny_study_writes_every_row_with_intervals_and_claims_and_a_second_call
     table = (study_out / "table.md").read_text()
     for m in STUDY_METHODS:
         assert f"| {m} | 2 | " in table
-    assert ("| method | vs | family | paired seeds | Δ mean acc [95 % CI], p | Holm p | Δ | std "
+    assert ("| method | vs | family | paired seeds | Δ mean held-out exact match [95 % CI], p | Holm p | Δ | std "
             "ratio [95 % CI], p | Holm p | std |") in table
     assert re.search(r"\n\| P-POTS\+MIRROR \| Standard \| primary \| 2 \| [+−]\d\.\d{3} \[[+−]\d\."
                      r"\d{3}, [+−]\d\.\d{3}\], p = [\d.]+ \| [\d.]+ \(of \d\) \| untestable at n = 2 \|",
                      table)
-    assert ("| ours | vs | iteration | mean accuracy up | seed std down | \"the best baseline run "
-            "stays below our worst run\" (min/max, no interval) |") in table
+    assert ("| ours | vs | iteration | mean held-out exact match up | seed std down | \"the best "
+            "baseline run is worse than our worst run\" (min/max, no interval) |") in table
     assert re.search(r"\n\| P-POTS\+MIRROR \| Standard \| 4 \| untestable at n = 2 \| (untestable at "
                      r"n = 2|at ceiling|at floor) \| (holds|does not hold): best Standard \d\.\d{3}, "
                      r"worst P-POTS\+MIRROR \d\.\d{3} \|\n", table)
@@ -534,7 +539,7 @@ def test_a_failed_run_is_marked_failed_the_study_goes_on_and_ends_non_zero(
 def test_final_result_rejects_non_finite_values_and_a_missing_final_evaluation(tmp_path):
     def result(*log):
         (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        return study.final_result(tmp_path, 0, 4)
+        return record.final_result(tmp_path, 0, 4)
     end = {"iter": 4, "val_nats": 1.0, "val_bits": 1.4, "acc": 0.5}
     assert result({"iter": 0, "val_bits": 3.0, "acc": 0.0}, end)["acc"] == 0.5
     with pytest.raises(ValueError, match="non-finite loss .* at iteration 2"):
@@ -550,13 +555,13 @@ def test_final_result_returns_clip_frac_curve_and_epochs_when_logged(tmp_path):
            {"iter": 2, "val_bits": 2.0, "acc": 0.25, "epoch": 1.5}, {"iter": 4, "loss": 0.5, "clip_frac": 0.0},
            {"iter": 4, "val_nats": 1.0, "val_bits": 1.4, "acc": 0.5, "epoch": 3.0}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    res = study.final_result(tmp_path, 0, 4)
+    res = record.final_result(tmp_path, 0, 4)
     assert (res["acc"], res["clip_frac"], res["epochs"]) == (0.5, 0.25, 3.0)
     assert res["curve"] == [[0, 0.0], [2, 0.25], [4, 0.5]]
     assert (res["problems"], res["curve_problems"]) == (None, [None, None, None])  # not logged
     (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 4, "val_bits": 1.4, "acc": 0.5,
                                                     "problems": 256}) + "\n")
-    res = study.final_result(tmp_path, 0, 4)
+    res = record.final_result(tmp_path, 0, 4)
     assert (res["clip_frac"], res["epochs"], res["curve"]) == (None, None, [[4, 0.5]])
     assert (res["problems"], res["curve_problems"]) == (256, [256])
 
@@ -608,11 +613,11 @@ def test_claims_follow_the_interval_and_holm_over_the_seeds_where_both_runs_succ
     assert len(primary) == 10 and {t["holm_m"] for t in primary} == {10}
     assert stats.holm([t["p"] for t in primary]) == [t["p_holm"] for t in primary]
     assert (pm["diff_verdict"], pm["std_verdict"]) == ("higher", "lower")
-    assert pm["claims"] == dict(mean_up="holds", std_down="holds", best_ref=0.6,
-                                worst_ours=pytest.approx(0.785), best_below_worst=True)
+    assert pm["claims"] == dict(better="holds", std_down="holds", best_ref=0.6,
+                                worst_ours=pytest.approx(0.785), worst_beats_best=True)
     assert comps["P-POTS+MIRROR", "Standard", 5]["claims"]["best_ref"] == pytest.approx(0.5)
     paper = comps["P-POTS+MIRROR-paper", "Standard", 10]
-    assert paper["claims"]["mean_up"] == "contradicted" and paper["diff_verdict"] == "lower"
+    assert paper["claims"]["better"] == "contradicted" and paper["diff_verdict"] == "lower"
     assert paper["claims"]["std_down"] == "not detectable"
     control = comps["P-POTS+MIRROR-paper", "Standard-2x", 10]
     assert (control["std_bound"], control["std_ratio"], control["claims"]["std_down"]) == (
@@ -625,7 +630,7 @@ def test_claims_follow_the_interval_and_holm_over_the_seeds_where_both_runs_succ
     assert methods["P-POTS+MIRROR"]["failed"] == [dict(seed=3, reason="exit 1")]
     assert methods["Standard"]["eval_se"] == pytest.approx(math.sqrt(0.457 * 0.543 / 1024))
     assert methods["Standard-2x"]["eval_se"] is None  # cached before 'problems' was recorded
-    assert methods["Standard"]["points"]["5"]["acc_mean"] == pytest.approx(0.357)
+    assert methods["Standard"]["points"]["5"]["mean"] == pytest.approx(0.357)
     assert summary["std_power"]["n"] == 10 and set(summary["std_power"]["ratios"]) == {"0.5", "0.7"}
 
     write_table(scratch, summary, tmp_path / "table.md")
@@ -655,7 +660,7 @@ def test_two_seeds_are_untestable_and_a_zero_std_arm_is_at_ceiling_in_a_study():
             "ARM": [(1.0, 1.0), (1.0, 1.0)]}
     summary = _judged(arms, reproduce.SCRATCH)
     pm, arm = summary["comparisons"]
-    assert pm["diff"]["lo"] > 0 and pm["claims"]["mean_up"] == "untestable at n = 2"
+    assert pm["diff"]["lo"] > 0 and pm["claims"]["better"] == "untestable at n = 2"
     assert pm["diff_verdict"] == "untestable at n = 2"
     assert (arm["std_verdict"], arm["std_ratio"]) == ("at ceiling", None)
     assert summary["std_power"]["ratios"]["0.5"]["power"] == 0.0
@@ -670,7 +675,7 @@ def test_retable_of_the_documented_study_gives_the_verdicts_docs_results_quotes(
     assert stats.fmt_diff(comps["P-POTS+MIRROR", "Standard"]["diff"]) == \
         "\u22120.053 [\u22120.146, +0.035], p = 0.21"
     paper = comps["P-POTS+MIRROR-paper", "Standard"]
-    assert paper["claims"]["mean_up"] == "holds" and paper["claims"]["std_down"] == "at ceiling"
+    assert paper["claims"]["better"] == "holds" and paper["claims"]["std_down"] == "at ceiling"
     holm = {m: (round(comps[m, "Standard"]["diff"]["p_holm"], 3), comps[m, "Standard"]["diff_verdict"])
             for m in ("pair", "ISAD-hard", "Clipped")}
     assert holm == {"pair": (0.088, "not detectable"), "ISAD-hard": (0.059, "not detectable"),
@@ -723,7 +728,7 @@ def test_standard_2x_doubles_the_study_batch_and_forward_rows_follow_the_flags()
     scratch = reproduce.SCRATCH
     cfg = study.parse(scratch, ["--methods=Standard-2x,MIRROR,MIRROR-paper,P-POTS",
                                 "--task_args=--task=sort --batch_size=24", "--max_iters=100"])
-    rows = {j["method"]: study.forward_rows(j["conf"], scratch.curve_rows)
+    rows = {j["method"]: record.forward_rows(j["conf"], scratch.curve_rows)
             for j in study.plan(scratch, cfg) if j["seed"] == 0}
     assert rows == {"Standard-2x": (100 * 48, 0), "MIRROR": (100 * 12 * 2, 0),
                     "MIRROR-paper": (100 * 24 * 2, 0), "P-POTS": (100 * 24, 8832)}
@@ -835,7 +840,7 @@ def test_sft_defaults_are_the_5_epoch_study(tmp_path, monkeypatch):
 def test_sft_curves_figure_writes_a_png(tmp_path):
     arms = {arm: dict(iters=[0, 79, 158], rows=[0, 2528, 5056], seeds=10, mean=[0.04, 0.2 + i / 50, 0.3],
                       std=[0.0, 0.02, 0.03]) for i, arm in enumerate(reproduce_sft.CURVES)}
-    plots.plot_sft_curves(dict(arms=arms, note="the pretrained ARM, before SFT: 1.000"), tmp_path / "c.png")
+    plots.plot_curves(dict(arms=arms, note="the pretrained ARM, before SFT: 1.000"), tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -848,3 +853,118 @@ def test_sft_pretraining_is_reused_only_under_the_same_flags(tmp_path, monkeypat
     reproduce_sft.prepare(cfg, [])  # both cached: nothing runs
     with pytest.raises(ValueError, match="pretrained with other flags: use a fresh --out"):
         reproduce_sft.prepare(dict(cfg, pretrain_args=cfg["pretrain_args"] + " --max_iters=7"), [])
+
+
+# ----------------------------------------------------------------------------- lab.reproduce_text: the text study
+@pytest.mark.e2e
+def test_tiny_text_study_writes_every_arm_its_variance_fits_and_the_figure(tmp_path, monkeypatch):
+    """Every arm, 1 seed, a tiny model on 16-character windows for 6 steps: the table by val ELBO,
+    variance.md (end-of-run A, B, C of every MDM arm, every P-POTS fit), curves.json and the
+    figure (the per-step loss variance of the primary pairs needs 2 seeds: its own test). P-POTS
+    without its EPR fit, fitted at 2 and refitted at 4, and small end-of-run draws keep it short."""
+    args = [f"--out={tmp_path}", "--seeds=1", "--max_iters=6", "--jobs=2", "--threads=1",
+            "--task_args=--task=text --data_path=data/tinyshakespeare.txt --block_size=16 "
+            "--batch_size=8 --n_layer=1 --n_head=2 --n_embd=16 --eval_iters=1 --eval_batch_size=8 "
+            "--eval_at_start=False --variance_n_batches=4 --sample_length=0 --log_interval=2",
+            "--train_args=--ppots_fit=none --ppots_refit_every=2"]
+    monkeypatch.setattr(reproduce_text, "END", dict(n_x0=6, n_t=3, n_masks=2, grad_n_x0=3, n_proj=2))
+    assert reproduce_text.main(args) == 0
+    table = (tmp_path / "table.md").read_text()
+    for arm in reproduce_text.METHODS:
+        assert f"| {arm} | 1 | " in table
+    assert "| method | runs | val ELBO (nats/token) mean ± std |" in table
+    assert "| ours | vs | iteration | mean val ELBO (nats/token) down | seed std down |" in table
+    recs = run_records(tmp_path)
+    assert len(recs) == 7 and all(r["status"] == "ok" and r["loss_batch_var"] > 0 for r in recs)
+    assert all([it for it, _ in r["curve"]] == [2, 4, 6] and r["se"] >= 0 for r in recs)
+    assert all((r["se"] == 0) == (r["method"] == "ARM") for r in recs)  # an ARM has no masks
+    variance_md = (tmp_path / "variance.md").read_text()
+    for arm in reproduce_text.METHODS:
+        if arm != "ARM":
+            assert f"\n| {arm} | {16 if arm == 'Standard-2x' else 4 if arm in ('MIRROR', 'P-POTS+MIRROR') else 8} | " \
+                in variance_md
+    fits = variance_md.split("## P-POTS's fits")[1]
+    for arm in ("P-POTS", "P-POTS+MIRROR", "P-POTS+MIRROR-paper"):
+        assert [int(m) for m in re.findall(rf"\n\| {re.escape(arm)} \| (\d+) \| ", fits)] == [2, 4]
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert list(curves["arms"]) == list(reproduce_text.CURVES)
+    assert all(c["iters"] == [2, 4, 6] and c["seeds"] == 1 for c in curves["arms"].values())
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_text_defaults_pin_the_val_rows_and_refit_p_pots_after_the_unigram_stage(tmp_path):
+    """7 arms x 8 seeds of 3,000 steps; every arm, Standard-2x's 64 windows included, scores the
+    same 100 val batches of 32 windows at 750, 1,500, 2,250 and 3,000; P-POTS fits at 1,000 and
+    refits every 500 steps."""
+    cfg = study.parse(reproduce_text.TEXT, [f"--out={tmp_path}"])
+    jobs = study.plan(reproduce_text.TEXT, cfg)
+    assert cfg["methods"] == list(reproduce_text.METHODS) and cfg["seeds"] == 8 and len(jobs) == 56
+    confs = {j["method"]: j["conf"] for j in jobs}
+    assert confs["Standard-2x"]["batch_size"] == 64 and confs["Standard"]["batch_size"] == 32
+    assert {(c["eval_batch_size"], c["eval_iters"], c["task"]) for c in confs.values()} == {(32, 100, "text")}
+    conf = confs["P-POTS"]
+    evals = [i for i in range(1, conf["max_iters"]) if i % conf["eval_interval"] == 0] + [conf["max_iters"]]
+    assert evals == [750, 1500, 2250, 3000] and reproduce_text.TEXT.points == (1.0,)
+    fits = range(conf["ppots_fit_iter"], conf["max_iters"], conf["ppots_refit_every"])
+    assert list(fits) == [1000, 1500, 2000, 2500]
+
+
+def _elbo_summary(arms):
+    """study.summarise under the val ELBO on made-up records: arms = {method: [(mid, final) val
+    ELBO per seed]}, each run with a masking error of 0.01 (0.02 for P-POTS+MIRROR)."""
+    flags = {"P-POTS+MIRROR": ["--t_sampler=ppots", "--masking=mirror"]}
+    se = lambda m: 0.02 if m == "P-POTS+MIRROR" else 0.01
+    jobs = [dict(method=m, seed=s, conf=study.run_config(flags.get(m, [])), record=dict(
+        status="ok", seed=s, iter=10, val_nats=v[1], se=se(m), val_bits=v[1] / math.log(2),
+        seconds=1.0, curve=[[5, v[0]], [10, v[1]]], curve_se=[se(m)] * 2))
+        for m, vals in arms.items() for s, v in enumerate(vals)]
+    cfg = dict(methods=list(arms), seeds=len(arms["Standard"]), max_iters=10, task_args="",
+               train_args="")
+    text = dataclasses.replace(reproduce_text.TEXT, primary=(("P-POTS+MIRROR", "Standard"),),
+                               points=(0.5, 1.0))
+    return text, study.summarise(text, cfg, jobs)
+
+
+def test_a_lower_val_elbo_is_the_better_claim_and_its_eval_se_is_the_runs_rms(tmp_path):
+    """Under VAL_ELBO lower is better: an arm 0.05 nats below Standard at each of 10 seeds makes
+    the claim 'holds' while its difference reads 'lower'; the best baseline run is the lowest, our
+    worst the highest; the eval SE is the runs' root mean square error; no cell is at a bound."""
+    base = [2.70, 2.72, 2.68, 2.75, 2.71, 2.69, 2.73, 2.74, 2.66, 2.70]
+    arms = {"Standard": [(b + 0.2, b) for b in base],
+            "P-POTS+MIRROR": [(b + 0.1, b - 0.05 + 0.001 * s) for s, b in enumerate(base)]}
+    text, summary = _elbo_summary(arms)
+    c = next(c for c in summary["comparisons"] if c["iter"] == 10)
+    assert c["diff_verdict"] == "lower" and c["claims"]["better"] == "holds"
+    assert c["claims"]["best_ref"] == 2.66 and c["claims"]["worst_ours"] == pytest.approx(2.75 - 0.05 + 0.003)
+    assert c["claims"]["worst_beats_best"] is False and c["std_bound"] is None
+    assert summary["methods"]["P-POTS+MIRROR"]["eval_se"] == pytest.approx(0.02)
+    assert summary["metric"]["key"] == "val_nats" and summary["metric"]["lower_is_better"]
+    write_table(text, summary, tmp_path / "table.md")
+    table = (tmp_path / "table.md").read_text()
+    assert "| Standard | 10 | 2.7080 ± 0.0278 | 0.0100 | 2.6600 | 2.7500 |" in table
+    assert "## Val ELBO (nats/token) at iteration 5\n" in table
+    assert "| P-POTS+MIRROR | Standard | 10 | holds | " in table
+    plots.plot_results(summary, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_per_step_loss_variance_of_the_primary_pairs_is_paired_by_seed_and_holm_corrected():
+    """batch_variance on made-up records of 10 seeds: P-POTS's logged batch_var is half of
+    Standard's at every seed (times a shared per-seed factor), so the ratio is 0.5 with p = 2/2^10
+    (Holm x 3 still below 0.05): 'holds'; P-POTS+MIRROR's equals Standard's: 'not detectable';
+    P-POTS+MIRROR-paper has one seed beside Standard-2x: no row."""
+    rng = np.random.default_rng(0)
+    base = np.exp(rng.normal(size=10))
+    var = {"Standard": base, "P-POTS": 0.5 * base * np.exp(rng.normal(0, 0.01, 10)),
+           "P-POTS+MIRROR": base * np.exp(rng.normal(0, 0.3, 10)), "Standard-2x": base[:1],
+           "P-POTS+MIRROR-paper": base[:1]}
+    jobs = [dict(method=m, seed=s, record=dict(status="ok", loss_batch_var=float(v)))
+            for m, vs in var.items() for s, v in enumerate(vs)]
+    lines = reproduce_text.batch_variance(jobs)
+    rows = {tuple(ln.split(" | ")[:2]): ln for ln in lines if ln.startswith("| P-POTS")}
+    assert set(rows) == {("| P-POTS", "Standard"), ("| P-POTS+MIRROR", "Standard")}
+    ratio, lo, hi = map(float, re.search(r"\| 10 \| ([\d.]+) \[([\d.]+), ([\d.]+)\] \| 0\.002 \| 0\.0039 \| "
+                                         r"holds \|$", rows["| P-POTS", "Standard"]).groups())
+    assert lo < ratio < hi and abs(ratio - 0.5) < 0.01 and hi - lo < 0.02
+    assert rows["| P-POTS+MIRROR", "Standard"].endswith("| not detectable |")
+    assert "Holm p (of 2)" in lines[0]

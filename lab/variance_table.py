@@ -40,6 +40,23 @@ def bootstrap_x0(stat, draws, n_boot=4000, seed=0, level=0.95):
 
 
 
+def versus_baseline(draws, rows, baseline="Standard", n_boot=2000, seed=0):
+    """Arms measured on the same x0s (draws: {arm: measure(keep_draws=True)['draws']}), each with
+    its clean rows per step (rows: {arm: int}): {(arm, key): dict(est, lo, hi)} for key A, B, C,
+    total (per draw), batch = total / rows (the variance of a batch's mean, for i.i.d. rows) and,
+    when the baseline is among the arms, ratio = batch / the baseline's batch, paired over x0."""
+    def stat(comps, idx):
+        out = {}
+        for arm, c in comps.items():
+            out.update({(arm, k): c[k] for k in ("A", "B", "C", "total")})
+            out[arm, "batch"] = c["total"] / rows[arm]
+        if baseline in comps:
+            for arm in comps:
+                out[arm, "ratio"] = out[arm, "batch"] / out[baseline, "batch"]
+        return out
+    return bootstrap_x0(stat, draws, n_boot, seed)
+
+
 def ppots_floor(t_grid, m, g):
     """The smallest variance of the training draw under any unbiased t-law, (int √m)^2 - (int g)^2
     over [0, 1] (docs/variance.md, "Why p ∝ √m"): m extended as samplers.extended_sqrt_m, g
