@@ -50,7 +50,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -61,7 +60,7 @@ from finetune import training_set
 from masking import clean_rows, mask_spec_from_config
 from sample import accuracy
 from lab import plots, record, study
-from lab.stats import fmt_diff
+from lab.stats import fmt_ci, fmt_diff, spearman
 from lab.variance_table import versus_baseline
 from samplers import build_ppots, make_sampler, sampler_from_state
 from variance import measure
@@ -212,24 +211,21 @@ def variance_vs_outcome(cfg, summary, jobs, n_boot=2000):
     ci = versus_baseline(draws, rows, "Standard", n_boot)
     diffs = {c["method"]: c for c in summary["comparisons"]
              if c["ref"] == "Standard" and c["iter"] == summary["iters"][-1]}
-    cell = lambda c: f"{c['est']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}]"
     table = ["| arm | clean rows | grad A | grad B | grad C | per-draw total | batch-mean "
              "variance | vs Standard | Δ acc vs Standard [95 % CI], p |", "|" + " --- |" * 9]
     out = []
     for arm in cfg["methods"]:
         d = diffs.get(arm, {}).get("diff")
         table.append("| " + " | ".join([arm, str(rows[arm])] + [
-            cell(ci[arm, k]) for k in ("A", "B", "C", "total", "batch")] + [
-            cell(ci[arm, "ratio"]) if (arm, "ratio") in ci else "—",
+            fmt_ci(ci[arm, k]) for k in ("A", "B", "C", "total", "batch")] + [
+            fmt_ci(ci[arm, "ratio"]) if (arm, "ratio") in ci else "—",
             fmt_diff(d) if d else "—"]) + " |")
         out.append(dict(arm=arm, rows=rows[arm], **{k: ci[arm, k] for k in
                                                      ("A", "B", "C", "total", "batch")},
                         acc_mean=summary["methods"][arm]["mean"]))
     ranked = [r for r in out if r["acc_mean"] is not None]
     if len(ranked) >= 3:
-        rank = lambda v: np.argsort(np.argsort(v))
-        rho = np.corrcoef(rank([r["batch"]["est"] for r in ranked]),
-                          rank([r["acc_mean"] for r in ranked]))[0, 1]
+        rho = spearman([r["batch"]["est"] for r in ranked], [r["acc_mean"] for r in ranked])
         lowest = min(ranked, key=lambda r: r["batch"]["est"])["arm"]
         table += ["", f"Spearman rank correlation, over the {len(ranked)} arms, between the "
                       f"batch-mean gradient variance at step 0 and mean final accuracy: "

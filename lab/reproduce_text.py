@@ -53,7 +53,7 @@ from checkpoint import load_checkpoint
 from configurator import report_errors
 from data import task_from_checkpoint
 from lab import plots, record, study
-from lab.stats import fmt_diff, holm, paired_difference, verdict
+from lab.stats import fmt_ci, fmt_diff, holm, paired_difference, spearman, verdict
 from lab.variance_table import versus_baseline
 from masking import clean_rows, mask_spec_from_config
 from samplers import make_sampler, sampler_from_state
@@ -129,16 +129,16 @@ def variance_vs_outcome(cfg, summary, jobs):
     ci = {t: versus_baseline(d, rows, "Standard") for t, d in draws.items() if d}
     diffs = {c["method"]: c["diff"] for c in summary["comparisons"]
              if c["ref"] == "Standard" and c["iter"] == summary["iters"][-1] and c["diff"]}
-    cell = lambda c: f"{c['est']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}]"
     lines, out = [], []
     for target in ci:
         lines += ["", f"**{'The loss w l' if target == 'loss' else 'Its gradient'}**", "",
                   "| arm | clean rows | A | B | C | per-draw total | batch-mean variance | vs "
                   "Standard |", "|" + " --- |" * 8]
         for arm in draws[target]:
+            ratio = ci[target].get((arm, "ratio"))
             lines.append("| " + " | ".join([arm, str(rows[arm])] + [
-                cell(ci[target][arm, k]) for k in ("A", "B", "C", "total", "batch")] + [
-                cell(ci[target][arm, "ratio"]) if (arm, "ratio") in ci[target] else "—"]) + " |")
+                fmt_ci(ci[target][arm, k]) for k in ("A", "B", "C", "total", "batch")] + [
+                fmt_ci(ratio) if ratio else "—"]) + " |")
     for arm in draws.get("loss", {}):
         d = diffs.get(arm)
         out.append(dict(arm=arm, rows=rows[arm], **{f"{t}_{k}": ci[t][arm, k] for t in ci
@@ -148,13 +148,12 @@ def variance_vs_outcome(cfg, summary, jobs):
                   "(nats/char) [95 % CI], p |", "| --- | --- | --- |"]
     for r in out:
         ratio = ci.get("grad", {}).get((r["arm"], "ratio"))
-        lines.append(f"| {r['arm']} | {cell(ratio) if ratio else '—'} | "
+        lines.append(f"| {r['arm']} | {fmt_ci(ratio) if ratio else '—'} | "
                      f"{fmt_diff(diffs[r['arm']], 4) if r['arm'] in diffs else '—'} |")
     ranked = [r for r in out if r["delta"] and "grad_batch" in r]
     if len(ranked) >= 3:
-        rank = lambda v: np.argsort(np.argsort(v))
-        rho = np.corrcoef(rank([r["grad_batch"]["est"] for r in ranked]),
-                          rank([r["delta"]["est"] for r in ranked]))[0, 1]
+        rho = spearman([r["grad_batch"]["est"] for r in ranked],
+                       [r["delta"]["est"] for r in ranked])
         lines += ["", f"Spearman rank correlation over the {len(ranked)} MDM arms other than "
                       f"Standard, between the end-of-run batch-mean gradient variance and Δ val "
                       f"ELBO: {rho:+.2f} (descriptive, no interval; positive: less variance, "
@@ -194,8 +193,8 @@ def batch_variance(jobs, alpha=0.05):
                      f"{d['p_holm']:.2g} | {call} |")
     return lines + ["", "Each run's batch_var: the variance of a training batch's mean loss over "
                         "128 fresh batches at the end of its training (variance.measure, its own "
-                        "model, sampler and masking); the ratio is exp of the paired mean of log ratios "
-                        "over seeds, its CI the bootstrap's, p the paired sign-flip permutation "
+                        "model, sampler and masking); the ratio is exp of the paired mean of log "
+                        "ratios over seeds, its CI the bootstrap's, p the paired sign-flip permutation "
                         "test's; Holm over the three primary pairs, a family of its own."]
 
 

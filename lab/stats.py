@@ -302,6 +302,17 @@ def fmt_diff(d, digits=3):
     return f"{num(d['diff'])} [{num(d['lo'])}, {num(d['hi'])}], p = {d['p']:.2g}"
 
 
+def fmt_ci(ci, scale=1.0):
+    """A bootstrap interval dict(est, lo, hi) as 'est [lo, hi]', 3 significant digits, / scale."""
+    return f"{ci['est'] / scale:.3g} [{ci['lo'] / scale:.3g}, {ci['hi'] / scale:.3g}]"
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two equal-length sequences (no ties expected)."""
+    rank = lambda v: np.argsort(np.argsort(v))
+    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+
+
 def fmt_ratio(r, digits=2):
     """std_ratio's dict as '0.09 [0.04, 0.20], p = 0.002'."""
     return f"{r['ratio']:.{digits}f} [{r['lo']:.{digits}f}, {r['hi']:.{digits}f}], p = {r['p']:.2g}"

@@ -20,6 +20,7 @@ from checkpoint import load_checkpoint
 from configurator import check_ranges, configure, report_errors
 from data import task_from_checkpoint
 from lab import plots, stats
+from lab.stats import fmt_ci
 from masking import MODES, MaskSpec, clean_rows
 from variance import _batch_var, components, measure, x0_summary
 
@@ -67,11 +68,6 @@ def ppots_floor(t_grid, m, g):
     return root ** 2 - mean.item() ** 2
 
 
-def _ci(ci, scale=1.0):
-    """'est [lo, hi]' of a stats.bootstrap interval, divided by scale."""
-    return f"{ci['est'] / scale:.3g} [{ci['lo'] / scale:.3g}, {ci['hi'] / scale:.3g}]"
-
-
 def _print_aligned(lines):
     """Rows of strings as right-aligned columns, two spaces apart."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
@@ -88,7 +84,7 @@ def _print_table(target, cis, rows, res, n):
     print(f"\n{target}: variance components in units of {scale:.0e}, est [95 % interval], "
           f"bootstrap over the {n} x0s" + (", and batch_var" if loss else ""))
     _print_aligned([["sampler", "masking", *keys] + ["batch_var"] * loss] + [
-        [*r, *(_ci(cis[(*r, k)], scale) for k in keys)]
+        [*r, *(fmt_ci(cis[(*r, k)], scale) for k in keys)]
         + [f"{res['loss', r]['batch_var']:.3g}"] * loss for r in rows])
 
 
@@ -166,22 +162,22 @@ def main(argv):
               "= 1/2; MIRROR <= 1/2 if a token's CE ignored the rest of the mask)")
         pairs = [(target, mode) for target in ("loss", "grad") for mode in ("mirror", "pair")]
         _print_aligned([["sampler", *(f"{t} {mode}/standard" for t, mode in pairs)]] + [
-            [s, *(_ci(cis[t]["ratio", s, mode]) for t, mode in pairs)] for s in names])
+            [s, *(fmt_ci(cis[t]["ratio", s, mode]) for t, mode in pairs)] for s in names])
         print("\nA of MIRROR over A of pair, and A under P-POTS over A under uniform t, paired on "
               "the same x0s (an interval that covers 1: the two are not told apart)")
         _print_aligned([["sampler", "loss mirror/pair", "grad mirror/pair"]] + [
-            [s, *(_ci(cis[t]["ratio", s, "mirror/pair"]) for t in ("loss", "grad"))]
+            [s, *(fmt_ci(cis[t]["ratio", s, "mirror/pair"]) for t in ("loss", "grad"))]
             for s in names])
         _print_aligned([["masking", "loss ppots/uniform", "grad ppots/uniform"]] + [
-            [mode, *(_ci(cis[t]["ppots/uniform", mode]) for t in ("loss", "grad"))]
+            [mode, *(fmt_ci(cis[t]["ppots/uniform", mode]) for t in ("loss", "grad"))]
             for mode in MODES])
         print("\nP-POTS, fitted on other x0s: predicted from its curve, then its measured total "
               "against the floor (int √m)^2 - (int g)^2 of any unbiased t-law on the table's x0s")
         for mode, sampler in fitted.items():
             loss, (ours, best) = cis["loss"], samplers.second_moments(sampler)
             print(f"{mode:>8}: predicted E[(w l)^2] x{ours:.3f} of uniform's, optimum x{best:.3f}\n"
-                  f"{'':>10}measured total {_ci(loss['ppots', mode, 'total'])}, floor "
-                  f"{_ci(loss['floor', mode])}, total / floor {_ci(loss['above', mode])}")
+                  f"{'':>10}measured total {fmt_ci(loss['ppots', mode, 'total'])}, floor "
+                  f"{fmt_ci(loss['floor', mode])}, total / floor {fmt_ci(loss['above', mode])}")
         path = os.path.join(cfg["out_dir"], "components_vs_t.png")
         plots.plot_components(curves, path)
         print(f"wrote {path}")
